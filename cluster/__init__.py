@@ -1,0 +1,1 @@
+"""Cluster operations: local Ray up/down, Prometheus configuration, job submission, the demo."""

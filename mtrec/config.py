@@ -1,0 +1,268 @@
+"""Configuration: one small dataclass per concern, YAML presets, and ``key=value`` overrides.
+
+The defaults of every dataclass build a small working setup. A full run is described by
+:class:`Config`, whose sections are addressed in overrides as ``section.field=value``
+(``model.arch=ple``, ``train.lr=3e-4``). Unknown keys and values of the wrong type fail loudly
+and list what is valid. Configs cross into Ray as plain dicts (:func:`dataclasses.asdict`) and
+come back through :meth:`Config.from_dict`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mtrec.errors import ConfigError
+
+TaskKind = Literal["binary", "regression"]
+TASK_KINDS: tuple[str, ...] = ("binary", "regression")
+
+
+@dataclass
+class TaskSpec:
+    """One prediction task.
+
+    ``label`` is the interactions column holding the label (0/1 for binary, float for regression,
+    null where unobserved). ``depends_on`` names the task this one is conditioned on, ESMM-style:
+    p(task) = p(depends_on) * p(task | depends_on). ``loss_weight`` is the prior weight of the task's
+    loss in training; ``fusion_weight`` is the prior weight of its prediction in the serving score.
+    """
+
+    name: str
+    kind: TaskKind = "binary"
+    label: str = ""
+    depends_on: str | None = None
+    loss_weight: float = 1.0
+    fusion_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.label:
+            self.label = self.name
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how examples are built from it."""
+
+    path: str = ""
+    max_history: int = 20  # most recent items of a user's history fed to the user tower
+    negatives_per_positive: int = 0  # extra sampled negatives for datasets with positives only
+    valid_fraction: float = 0.1  # time-based split when the data carries no ``split`` column
+    test_fraction: float = 0.1
+
+
+@dataclass
+class EncoderConfig:
+    """The language model that reads item (and user, context) text."""
+
+    name: str = "minilm"  # a registry name (minilm, smollm2), a Hugging Face name, or a local path
+    revision: str = "main"
+    mode: Literal["frozen", "finetune", "none"] = "frozen"  # none: ID-only model, no text
+    pooling: Literal["mean", "cls", "last"] = "mean"
+    max_length: int = 64
+    finetune_layers: int = 2  # top layers trained in finetune mode
+    batch_size: int = 64
+    prompt: str = "{text}"  # template around the item text (decoders: a closing phrase helps)
+    cache_dir: str = ""  # frozen-mode vector cache; "" means ~/.cache/mtrec/vectors
+
+
+@dataclass
+class ModelConfig:
+    """The multi-task network on top of the item vectors."""
+
+    arch: Literal["shared_bottom", "mmoe", "ple"] = "mmoe"
+    id_dim: int = 32  # user and item id embedding size
+    id_buckets: int = 100_003  # hashing buckets for ids (covers ids unseen in training)
+    use_item_ids: bool = True
+    use_user_ids: bool = True
+    history: Literal["din", "transformer", "mean", "none"] = "din"
+    proj_dim: int = 64  # text vectors are projected to this size
+    expert_dim: int = 64
+    num_experts: int = 4  # MMoE experts; PLE shared experts per level
+    specific_experts: int = 1  # PLE task-specific experts per task per level
+    ple_levels: int = 2
+    tower_dim: int = 32
+    dropout: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, weighting, checkpoints and resources."""
+
+    epochs: int = 3
+    batch_size: int = 256
+    lr: float = 2e-3
+    encoder_lr: float = 2e-5  # finetune mode: learning rate of the language model's top layers
+    weight_decay: float = 1e-5
+    weighting: str = "static"
+    weighting_params: dict[str, float] = field(default_factory=dict)
+    seed: int = 0
+    num_workers: int = 1
+    use_gpu: bool = False
+    bf16: bool = True  # autocast on GPU only
+    checkpoint_every_steps: int = 0  # 0: once per epoch
+    num_to_keep: int = 2
+    max_failures: int = 2
+    early_stop_patience: int = 2
+    objective: str = "mean_auc"  # metric maximised for early stopping and checkpoint ranking
+    log_every_steps: int = 50
+
+
+@dataclass
+class Config:
+    """A full run: data, tasks, encoder, model and training."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tasks: list[TaskSpec] = field(default_factory=list)  # empty: read from the data's tasks.yaml
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        return _build(cls, d, "")
+
+    def override(self, assignments: list[str]) -> Config:
+        """Apply ``section.field=value`` strings; values are parsed as YAML scalars."""
+        d = self.to_dict()
+        for a in assignments:
+            if "=" not in a:
+                raise ConfigError(f"override {a!r} is not of the form key=value")
+            key, raw = a.split("=", 1)
+            _set_path(d, key.strip(), yaml.safe_load(raw) if raw.strip() else "", cls=Config)
+        return Config.from_dict(d)
+
+
+def _build(cls: type, d: Any, where: str) -> Any:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(_join(where, k) for k in unknown)}; "
+            f"valid keys: {', '.join(_join(where, k) for k in fields)}"
+        )
+    kwargs = {k: _coerce(hints[k], v, _join(where, k)) for k, v in d.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where or 'config'}: {e}") from e
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _coerce(tp: Any, v: Any, where: str) -> Any:
+    """Check ``v`` against the annotation ``tp``; ints widen to floats, nothing else converts."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if v is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, v, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {v!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if v not in choices:
+            raise ConfigError(f"{where}: {v!r} is not one of {', '.join(map(repr, choices))}")
+        return v
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(v, list):
+            raise ConfigError(f"{where}: expected a list, got {v!r}")
+        return [_coerce(inner, x, f"{where}[{i}]") for i, x in enumerate(v)]
+    if origin is dict:
+        _, vt = typing.get_args(tp)
+        if not isinstance(v, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {v!r}")
+        return {str(k): _coerce(vt, x, f"{where}.{k}") for k, x in v.items()}
+    if dataclasses.is_dataclass(tp):
+        return v if isinstance(v, tp) else _build(tp, v, where)
+    if tp is float:
+        if isinstance(v, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                v = float(v)
+            except ValueError:
+                pass
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {v!r}")
+        return float(v)
+    if tp is int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError(f"{where}: expected an integer, got {v!r}")
+        return v
+    if tp is bool:
+        if not isinstance(v, bool):
+            raise ConfigError(f"{where}: expected true or false, got {v!r}")
+        return v
+    if tp is str:
+        if not isinstance(v, str):
+            raise ConfigError(f"{where}: expected a string, got {v!r}")
+        return v
+    return v
+
+
+def _set_path(d: dict[str, Any], key: str, value: Any, cls: type) -> None:
+    parts = key.split(".")
+    node, node_cls = d, cls
+    for i, p in enumerate(parts):
+        names = [f.name for f in dataclasses.fields(node_cls)] if dataclasses.is_dataclass(node_cls) else None
+        last = i == len(parts) - 1
+        if names is not None and p not in names:
+            prefix = ".".join(parts[:i])
+            valid = ", ".join(_join(prefix, n) for n in names)
+            raise ConfigError(f"unknown key {key!r}; valid keys: {valid}")
+        if last:
+            node[p] = value
+            return
+        hint = typing.get_type_hints(node_cls)[p] if names is not None else None
+        if names is not None and not dataclasses.is_dataclass(hint) and typing.get_origin(hint) is not dict:
+            raise ConfigError(f"{'.'.join(parts[: i + 1])} is a value, not a section; cannot set {key!r}")
+        node = node.setdefault(p, {})
+        node_cls = hint if dataclasses.is_dataclass(hint) else dict
+
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "train" / "presets"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_preset(name_or_path: str) -> Config:
+    """A named preset (``train/presets/NAME.yaml``) or a YAML file path, over the defaults."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PRESET_DIR / f"{name_or_path}.yaml"
+        if not path.exists():
+            raise ConfigError(f"unknown preset {name_or_path!r}; valid presets: {', '.join(preset_names())}")
+    if not path.exists():
+        raise ConfigError(f"preset file {path} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        return Config.from_dict(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

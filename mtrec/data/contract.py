@@ -1,0 +1,346 @@
+"""The data contract: a directory of Parquet files plus ``tasks.yaml``.
+
+``interactions.parquet``  user_id, item_id, timestamp (int64 seconds), one column per task label
+                          (0/1 or float, null where unobserved), optional ``split``
+                          (train/valid/test), optional ``cold_item`` (bool), optional ``context`` text
+``items.parquet``         item_id, text, optional side columns
+``users.parquet``         (optional) user_id, optional text, optional side columns
+``tasks.yaml``            ``tasks:`` a list of TaskSpec fields
+
+Ids are int64 or string, the same type in every file. :func:`validate` checks every rule and returns
+every problem, each naming the file, the column and the number of rows affected; :func:`check` raises
+them together as one :class:`~mtrec.errors.DataError`. Writers go through :func:`atomic_dir`, so a
+failed write never leaves a half-written dataset posing as complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import yaml
+
+from mtrec.config import TASK_KINDS, Config, TaskSpec
+from mtrec.errors import ConfigError, DataError
+
+INTERACTIONS = "interactions.parquet"
+ITEMS = "items.parquet"
+USERS = "users.parquet"
+TASKS = "tasks.yaml"
+SPLITS = ("train", "valid", "test")
+RESERVED_INTERACTION_COLUMNS = ("user_id", "item_id", "timestamp", "split", "cold_item", "context")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One broken rule: where (file, column) and how many rows."""
+
+    file: str
+    column: str | None
+    rows: int | None
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file + (f", column {self.column!r}" if self.column else "")
+        count = f" ({self.rows:,} row{'s' if self.rows != 1 else ''})" if self.rows is not None else ""
+        return f"{where}: {self.message}{count}"
+
+
+# ---------------------------------------------------------------------------------------- tasks
+
+
+def read_tasks(path: str | Path) -> list[TaskSpec]:
+    """Read ``tasks.yaml`` (a dataset directory or the file itself) into TaskSpecs."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / TASKS
+    if not p.exists():
+        raise DataError([Problem(str(p), None, None, "file is missing")])
+    raw = yaml.safe_load(p.read_text()) or {}
+    entries = raw.get("tasks") if isinstance(raw, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise DataError([Problem(str(p), "tasks", None, "expected a non-empty list under 'tasks:'")])
+    try:
+        tasks = Config.from_dict({"tasks": entries}).tasks
+    except ConfigError as e:
+        raise DataError([Problem(str(p), "tasks", None, str(e))]) from e
+    problems = task_problems(tasks, str(p))
+    if problems:
+        raise DataError(problems)
+    return tasks
+
+
+def task_problems(tasks: list[TaskSpec], where: str = TASKS) -> list[Problem]:
+    """Rules on the task list itself: unique names, known kinds, acyclic binary dependencies."""
+    out: list[Problem] = []
+    names = [t.name for t in tasks]
+    for n in sorted({n for n in names if names.count(n) > 1}):
+        out.append(Problem(where, "name", None, f"task name {n!r} appears {names.count(n)} times"))
+    by_name = {t.name: t for t in tasks}
+    for t in tasks:
+        if t.kind not in TASK_KINDS:
+            out.append(Problem(where, "kind", None, f"task {t.name!r}: kind {t.kind!r} not in {TASK_KINDS}"))
+        if t.depends_on is not None:
+            parent = by_name.get(t.depends_on)
+            if parent is None:
+                out.append(Problem(where, "depends_on", None, f"task {t.name!r} depends on unknown task {t.depends_on!r}"))
+            elif parent.kind != "binary":
+                out.append(Problem(where, "depends_on", None, f"task {t.name!r} depends on {t.depends_on!r}, which is not binary"))
+        if t.loss_weight < 0 or t.fusion_weight < 0:
+            out.append(Problem(where, "loss_weight", None, f"task {t.name!r}: weights must be >= 0"))
+    for t in tasks:  # cycles
+        seen, cur = {t.name}, by_name.get(t.depends_on or "")
+        while cur is not None:
+            if cur.name in seen:
+                out.append(Problem(where, "depends_on", None, f"dependency cycle through task {t.name!r}"))
+                break
+            seen.add(cur.name)
+            cur = by_name.get(cur.depends_on or "")
+    return out
+
+
+def write_tasks(tasks: list[TaskSpec], path: str | Path) -> None:
+    p = Path(path)
+    if p.is_dir():
+        p = p / TASKS
+    p.write_text(yaml.safe_dump({"tasks": [dataclasses.asdict(t) for t in tasks]}, sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------- writing
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | Path, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary sibling directory; move it to ``out`` only when the block completes.
+
+    On any exception the temporary directory is removed and ``out`` is left as it was.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_dataset(
+    out: str | Path,
+    interactions: pa.Table,
+    items: pa.Table,
+    tasks: list[TaskSpec],
+    users: pa.Table | None = None,
+    extra: dict[str, str] | None = None,
+    check_after: bool = True,
+) -> Path:
+    """Write a whole dataset atomically; validate it first so nothing broken is published."""
+    with atomic_dir(out) as tmp:
+        pq.write_table(interactions, tmp / INTERACTIONS)
+        pq.write_table(items, tmp / ITEMS)
+        if users is not None:
+            pq.write_table(users, tmp / USERS)
+        write_tasks(tasks, tmp / TASKS)
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text)
+        if check_after:
+            check(tmp, display=Path(out))
+    return Path(out)
+
+
+# ---------------------------------------------------------------------------------------- reading
+
+
+def load_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """Read one Parquet file; a missing or unreadable file is a DataError naming it."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError([Problem(str(p), None, None, "file is missing")])
+    try:
+        return pq.read_table(p, columns=columns)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError([Problem(str(p), None, None, f"not a readable Parquet file: {e}")]) from e
+
+
+# ---------------------------------------------------------------------------------------- validation
+
+
+def check(path: str | Path, display: Path | None = None) -> list[TaskSpec]:
+    """Validate a dataset directory; raise one DataError listing every problem. Returns the tasks."""
+    problems = validate(path, display=display)
+    if problems:
+        raise DataError(problems)
+    return read_tasks(path)
+
+
+def validate(path: str | Path, display: Path | None = None) -> list[Problem]:
+    """Check every rule of the contract; return every problem found (empty when valid)."""
+    root = Path(path)
+    shown = display or root
+    name = lambda f: str(shown / f)  # noqa: E731 - the path users see in messages
+    problems: list[Problem] = []
+    if not root.is_dir():
+        return [Problem(str(shown), None, None, "dataset directory does not exist")]
+
+    tasks: list[TaskSpec] = []
+    try:
+        tasks = read_tasks(root)
+    except DataError as e:
+        problems += [dataclasses.replace(p, file=name(TASKS)) for p in e.problems]
+
+    tables: dict[str, pa.Table] = {}
+    for f in (INTERACTIONS, ITEMS, USERS):
+        p = root / f
+        if not p.exists():
+            if f != USERS:
+                problems.append(Problem(name(f), None, None, "file is missing"))
+            continue
+        try:
+            tables[f] = pq.read_table(p)
+        except (pa.ArrowInvalid, OSError) as e:
+            problems.append(Problem(name(f), None, None, f"not a readable Parquet file: {e}"))
+
+    items = tables.get(ITEMS)
+    if items is not None:
+        problems += _check_entity(items, name(ITEMS), "item_id", text_required=True)
+    users = tables.get(USERS)
+    if users is not None:
+        problems += _check_entity(users, name(USERS), "user_id", text_required=False)
+    inter = tables.get(INTERACTIONS)
+    if inter is not None:
+        problems += _check_interactions(inter, name(INTERACTIONS), tasks)
+        if items is not None:
+            problems += _check_foreign(inter, items, "item_id", name(INTERACTIONS), name(ITEMS))
+        if users is not None:
+            problems += _check_foreign(inter, users, "user_id", name(INTERACTIONS), name(USERS))
+    return problems
+
+
+def _is_id_type(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _is_text_type(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _check_entity(t: pa.Table, file: str, id_col: str, text_required: bool) -> list[Problem]:
+    out: list[Problem] = []
+    if id_col not in t.column_names:
+        return [Problem(file, id_col, None, "required column is missing")]
+    ids = t.column(id_col)
+    if not _is_id_type(ids.type):
+        out.append(Problem(file, id_col, t.num_rows, f"must be int64 or string, found {ids.type}"))
+    elif ids.null_count:
+        out.append(Problem(file, id_col, ids.null_count, "null ids"))
+    else:
+        dup = t.num_rows - len(pc.unique(ids))
+        if dup:
+            out.append(Problem(file, id_col, dup, "duplicate ids"))
+    if "text" not in t.column_names:
+        if text_required:
+            out.append(Problem(file, "text", None, "required column is missing"))
+        return out
+    text = t.column("text")
+    if not _is_text_type(text.type):
+        out.append(Problem(file, "text", t.num_rows, f"must be string, found {text.type}"))
+        return out
+    empty = pc.sum(pc.or_kleene(pc.is_null(text), pc.equal(pc.utf8_trim_whitespace(text), ""))).as_py() or 0
+    if empty and text_required:
+        out.append(Problem(file, "text", empty, "empty or null text"))
+    return out
+
+
+def _check_interactions(t: pa.Table, file: str, tasks: list[TaskSpec]) -> list[Problem]:
+    out: list[Problem] = []
+    cols = t.column_names
+    for c in ("user_id", "item_id"):
+        if c not in cols:
+            out.append(Problem(file, c, None, "required column is missing"))
+        elif not _is_id_type(t.schema.field(c).type):
+            out.append(Problem(file, c, t.num_rows, f"must be int64 or string, found {t.schema.field(c).type}"))
+        elif t.column(c).null_count:
+            out.append(Problem(file, c, t.column(c).null_count, "null ids"))
+    if "timestamp" not in cols:
+        out.append(Problem(file, "timestamp", None, "required column is missing"))
+    elif not pa.types.is_integer(t.schema.field("timestamp").type):
+        out.append(Problem(file, "timestamp", t.num_rows, f"must be int64 seconds, found {t.schema.field('timestamp').type}"))
+    elif t.column("timestamp").null_count:
+        out.append(Problem(file, "timestamp", t.column("timestamp").null_count, "null timestamps"))
+    if "split" in cols:
+        s = t.column("split")
+        if not _is_text_type(s.type):
+            out.append(Problem(file, "split", t.num_rows, f"must be string, found {s.type}"))
+        else:
+            bad = pc.sum(pc.invert(pc.fill_null(pc.is_in(s, value_set=pa.array(SPLITS)), False))).as_py() or 0
+            if bad:
+                out.append(Problem(file, "split", bad, f"values outside {SPLITS}"))
+    if "cold_item" in cols and not pa.types.is_boolean(t.schema.field("cold_item").type):
+        out.append(Problem(file, "cold_item", t.num_rows, f"must be bool, found {t.schema.field('cold_item').type}"))
+    if "context" in cols and not _is_text_type(t.schema.field("context").type):
+        out.append(Problem(file, "context", t.num_rows, f"must be string, found {t.schema.field('context').type}"))
+    for task in tasks:
+        out += _check_label(t, file, task)
+    return out
+
+
+def _check_label(t: pa.Table, file: str, task: TaskSpec) -> list[Problem]:
+    if task.label not in t.column_names:
+        return [Problem(file, task.label, None, f"label column of task {task.name!r} is missing")]
+    col = t.column(task.label)
+    if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_boolean(col.type)):
+        return [Problem(file, task.label, t.num_rows, f"label must be numeric, found {col.type}")]
+    if pa.types.is_boolean(col.type):
+        return []
+    x = pc.cast(col, pa.float64())
+    out: list[Problem] = []
+    if pa.types.is_floating(col.type):
+        nan = pc.sum(pc.fill_null(pc.is_nan(x), False)).as_py() or 0
+        if nan:
+            out.append(Problem(file, task.label, nan, "NaN labels (use null for unobserved)"))
+        inf = pc.sum(pc.fill_null(pc.is_inf(x), False)).as_py() or 0
+        if inf:
+            out.append(Problem(file, task.label, inf, "infinite labels"))
+    if task.kind == "binary":
+        ok = pc.or_kleene(pc.equal(x, 0.0), pc.equal(x, 1.0))
+        bad = pc.sum(pc.invert(pc.fill_null(pc.or_kleene(ok, pc.is_nan(x)), True))).as_py() or 0
+        if bad:
+            out.append(Problem(file, task.label, bad, f"binary task {task.name!r} has labels other than 0/1"))
+    if x.null_count == t.num_rows and t.num_rows:
+        out.append(Problem(file, task.label, t.num_rows, f"task {task.name!r} has no observed label"))
+    return out
+
+
+def _check_foreign(inter: pa.Table, ent: pa.Table, col: str, file: str, ref_file: str) -> list[Problem]:
+    if col not in inter.column_names or col not in ent.column_names:
+        return []
+    a, b = inter.column(col), ent.column(col)
+    if not (_is_id_type(a.type) and _is_id_type(b.type)):
+        return []
+    if pa.types.is_integer(a.type) != pa.types.is_integer(b.type):
+        return [Problem(file, col, inter.num_rows, f"id type {a.type} differs from {b.type} in {ref_file}")]
+    if pa.types.is_integer(a.type):
+        a, b = pc.cast(a, pa.int64()), pc.cast(b, pa.int64())
+    missing = pc.sum(pc.invert(pc.fill_null(pc.is_in(a, value_set=b.combine_chunks()), True))).as_py() or 0
+    if missing:
+        return [Problem(file, col, missing, f"ids not present in {ref_file}")]
+    return []

@@ -70,8 +70,12 @@ def _run_data(args: argparse.Namespace) -> int:
         from mtrec.data.synthetic import generate
 
         out = generate(
-            args.scenario, args.out, num_users=args.users, num_items=args.items,
-            num_interactions=args.interactions, seed=args.seed,
+            args.scenario,
+            args.out,
+            num_users=args.users,
+            num_items=args.items,
+            num_interactions=args.interactions,
+            seed=args.seed,
         )
     else:
         module, fn = {

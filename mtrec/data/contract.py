@@ -92,9 +92,15 @@ def task_problems(tasks: list[TaskSpec], where: str = TASKS) -> list[Problem]:
         if t.depends_on is not None:
             parent = by_name.get(t.depends_on)
             if parent is None:
-                out.append(Problem(where, "depends_on", None, f"task {t.name!r} depends on unknown task {t.depends_on!r}"))
+                out.append(
+                    Problem(where, "depends_on", None, f"task {t.name!r} depends on unknown task {t.depends_on!r}")
+                )
             elif parent.kind != "binary":
-                out.append(Problem(where, "depends_on", None, f"task {t.name!r} depends on {t.depends_on!r}, which is not binary"))
+                out.append(
+                    Problem(
+                        where, "depends_on", None, f"task {t.name!r} depends on {t.depends_on!r}, which is not binary"
+                    )
+                )
         if t.loss_weight < 0 or t.fusion_weight < 0:
             out.append(Problem(where, "loss_weight", None, f"task {t.name!r}: weights must be >= 0"))
     for t in tasks:  # cycles
@@ -283,7 +289,9 @@ def _check_interactions(t: pa.Table, file: str, tasks: list[TaskSpec]) -> list[P
     if "timestamp" not in cols:
         out.append(Problem(file, "timestamp", None, "required column is missing"))
     elif not pa.types.is_integer(t.schema.field("timestamp").type):
-        out.append(Problem(file, "timestamp", t.num_rows, f"must be int64 seconds, found {t.schema.field('timestamp').type}"))
+        out.append(
+            Problem(file, "timestamp", t.num_rows, f"must be int64 seconds, found {t.schema.field('timestamp').type}")
+        )
     elif t.column("timestamp").null_count:
         out.append(Problem(file, "timestamp", t.column("timestamp").null_count, "null timestamps"))
     if "split" in cols:

@@ -7,21 +7,38 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 
-def time_split(interactions: pa.Table, valid_fraction: float = 0.1, test_fraction: float = 0.1) -> pa.Table:
-    """Add ``split`` (train/valid/test by timestamp quantile) and ``cold_item`` columns.
+def split_boundaries(timestamps: np.ndarray, valid_fraction: float, test_fraction: float) -> tuple[float, float]:
+    """Timestamps at which valid and test begin: the first ``1 - valid - test`` of rows (by time) train.
 
-    Rows at or after the ``1 - valid - test`` timestamp quantile are valid, those at or after the
-    ``1 - test`` quantile are test; ties go to the later split so no time leaks backwards. An item is
-    cold when it never appears in the train split: its first interaction is after the training period.
+    A streaming writer that knows its timestamp schedule calls this on that schedule and
+    :func:`assign_split` per chunk; :func:`time_split` does both on a whole table.
     """
     if not 0 <= valid_fraction < 1 or not 0 <= test_fraction < 1 or valid_fraction + test_fraction >= 1:
         raise ValueError(f"valid_fraction={valid_fraction}, test_fraction={test_fraction}: each in [0, 1), sum < 1")
+    ts = np.sort(np.asarray(timestamps))
+    n = len(ts)
+
+    def at(frac: float) -> float:
+        k = int(round(n * (1 - frac)))
+        return float(ts[k]) if frac and k < n else np.inf
+
+    return at(valid_fraction + test_fraction) if valid_fraction else at(test_fraction), at(test_fraction)
+
+
+def assign_split(timestamps: np.ndarray, t_valid: float, t_test: float) -> np.ndarray:
+    """``train``/``valid``/``test`` per row; ties go to the later split so no time leaks backwards."""
+    ts = np.asarray(timestamps)
+    return np.where(ts >= t_test, "test", np.where(ts >= t_valid, "valid", "train"))
+
+
+def time_split(interactions: pa.Table, valid_fraction: float = 0.1, test_fraction: float = 0.1) -> pa.Table:
+    """Add ``split`` (train/valid/test by time) and ``cold_item`` columns.
+
+    An item is cold when it never appears in the train split: its first interaction is after the
+    training period.
+    """
     ts = interactions.column("timestamp").to_numpy()
-    t_valid = np.quantile(ts, 1 - valid_fraction - test_fraction, method="lower") if valid_fraction else np.inf
-    t_test = np.quantile(ts, 1 - test_fraction, method="lower") if test_fraction else np.inf
-    split = np.where(ts >= t_test, "test", np.where(ts >= t_valid, "valid", "train"))
-    if valid_fraction and test_fraction and t_valid == t_test:
-        split = np.where(ts >= t_test, "test", "train")
+    split = assign_split(ts, *split_boundaries(ts, valid_fraction, test_fraction))
     out = _replace(interactions, "split", pa.array(split, pa.string()))
     return mark_cold_items(out)
 

@@ -15,8 +15,8 @@ def describe(path: str | Path) -> str:
     tasks = read_tasks(root)
     inter = pq.read_table(root / INTERACTIONS)
     n_items = pq.read_metadata(root / ITEMS).num_rows
-    n_users = pq.read_metadata(root / USERS).num_rows if (root / USERS).exists() else len(
-        pc.unique(inter.column("user_id"))
+    n_users = (
+        pq.read_metadata(root / USERS).num_rows if (root / USERS).exists() else len(pc.unique(inter.column("user_id")))
     )
     lines = [f"{root}: {inter.num_rows:,} interactions, {n_users:,} users, {n_items:,} items"]
     if "split" in inter.column_names:

@@ -1,0 +1,78 @@
+import dataclasses
+
+import pytest
+
+from mtrec.config import Config, ConfigError, TaskSpec, load_preset, preset_names
+
+
+def test_defaults_round_trip_through_dict():
+    cfg = Config(tasks=[TaskSpec("click"), TaskSpec("buy", depends_on="click", loss_weight=2.0)])
+    again = Config.from_dict(dataclasses.asdict(cfg))
+    assert again == cfg
+    assert again.tasks[1].label == "buy"  # label defaults to the task name
+
+
+def test_override_sets_nested_values_with_types():
+    cfg = Config().override(["model.arch=ple", "train.lr=1e-3", "train.epochs=5", "train.weighting_params.alpha=1.5"])
+    assert cfg.model.arch == "ple"
+    assert cfg.train.lr == pytest.approx(1e-3)
+    assert cfg.train.epochs == 5
+    assert cfg.train.weighting_params == {"alpha": 1.5}
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("model.archh=mmoe", "unknown key 'model.archh'; valid keys: model.arch"),
+        ("modle.arch=mmoe", "valid keys: data, encoder, model, train, tasks"),
+        ("train.lr=fast", "train.lr: expected a number, got 'fast'"),
+        ("train.epochs=1.5", "train.epochs: expected an integer"),
+        ("model.arch=transformerx", "'transformerx' is not one of 'shared_bottom', 'mmoe', 'ple'"),
+        ("train.use_gpu=3", "train.use_gpu: expected true or false"),
+        ("train.lr.x=1", "train.lr is a value, not a section"),
+        ("noequals", "not of the form key=value"),
+    ],
+)
+def test_override_fails_loudly(override, expected):
+    with pytest.raises(ConfigError, match=None) as e:
+        Config().override([override])
+    assert expected in str(e.value)
+
+
+def test_every_preset_loads_and_unknown_preset_lists_valid_ones():
+    names = preset_names()
+    assert "synthetic-ecommerce" in names
+    for n in names:
+        assert isinstance(load_preset(n), Config)
+    with pytest.raises(ConfigError) as e:
+        load_preset("no-such-preset")
+    assert "synthetic-ecommerce" in str(e.value)
+
+
+def test_preset_with_bad_key_names_the_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("train:\n  epoch: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_preset(str(p))
+    assert "bad.yaml" in str(e.value) and "train.epoch" in str(e.value)
+
+
+def test_mtrec_core_never_imports_ray():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, importlib, pkgutil\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'ray' or name.startswith('ray.'):\n"
+        "            raise ImportError('ray is blocked: mtrec must not import it')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import mtrec\n"
+        "for m in pkgutil.walk_packages(mtrec.__path__, 'mtrec.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ok"

@@ -1,0 +1,63 @@
+"""Starting or joining Ray the same way from every entry point (train, tune, serve, demo, tests).
+
+Settings that matter on a shared host (see the project's Ray notes):
+- ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` keeps every listener of a local Ray on 127.0.0.1;
+- ``RAY_worker_niceness=0``: workers otherwise run at nice 15 and starve under load;
+- ``address="local"`` starts a fresh embedded Ray: plain ``ray.init()`` would attach to any running
+  cluster;
+- the dashboard is required when Tune drives Train V2 (its State API cleans placement groups).
+Token authentication stays as Ray sets it; only loopback tests turn it off (``RAY_AUTH_MODE``).
+"""
+
+from __future__ import annotations
+
+import os
+
+LOCAL_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_worker_niceness": "0",
+    "RAY_TRAIN_V2_ENABLED": "1",
+}
+
+
+def apply_local_env() -> None:
+    """Set the environment a local Ray needs, without overriding what the user set."""
+    for k, v in LOCAL_ENV.items():
+        os.environ.setdefault(k, v)
+
+
+def ensure_ray(
+    address: str | None = None,
+    num_cpus: int | None = None,
+    metrics_export_port: int | None = None,
+    object_store_mb: int = 512,
+) -> bool:
+    """Connect to ``address`` or start an embedded local Ray on 127.0.0.1.
+
+    Returns True when this call started a new local Ray (the caller then shuts it down).
+    ``address`` may also come from ``RAY_ADDRESS`` (as inside a Ray job).
+    """
+    apply_local_env()
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return False
+    kwargs = {}
+    if metrics_export_port:
+        kwargs["_metrics_export_port"] = metrics_export_port
+    ray.init(
+        address="local",
+        num_cpus=num_cpus or max(4, os.cpu_count() or 1),
+        object_store_memory=object_store_mb * 1024**2,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        **kwargs,
+    )
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    return True

@@ -1,0 +1,32 @@
+"""Static weighting: a fixed weight per task."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from mtrec.config import TaskSpec
+from mtrec.weighting.base import Reduce, StepContext, Weighting
+from mtrec.weighting.common import check_params, number, observed_mask, weighted_sum
+
+
+class StaticWeighting(Weighting):
+    """``L = sum_t w_t L_t`` with ``w_t`` the task's ``loss_weight`` prior (:class:`TaskSpec`).
+
+    The baseline every dynamic method is compared with (the fixed-weight sum of the multi-task
+    literature, e.g. Caruana, "Multitask Learning", Machine Learning 1997). Parameters, keyed by task
+    name, override the prior of that task: ``build_weighting("static", tasks, click=1.0, buy=5.0)``.
+    """
+
+    name = "static"
+
+    def __init__(self, tasks: list[TaskSpec], reduce: Reduce | None = None, **weights: float) -> None:
+        super().__init__(tasks, reduce)
+        names = [t.name for t in tasks]
+        check_params(self.name, weights, names)
+        for task, w in weights.items():
+            self.prior[names.index(task)] = number(self.name, task, w, allow_zero=True)
+
+    def forward(self, losses: Tensor, ctx: StepContext) -> tuple[Tensor, Tensor]:
+        """``losses (T,)`` -> ``(loss (), weights (T,))``."""
+        weights = self.prior.clone()
+        return weighted_sum(losses, weights, observed_mask(losses, ctx)), weights

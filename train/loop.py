@@ -1,0 +1,191 @@
+"""The per-worker training loop. Ray Train runs :func:`train_func` once on every worker.
+
+Reads top to bottom: build the model and the weighting, restore the latest checkpoint if this is
+a restart, wrap the model for DDP, then for each epoch stream this worker's shard, step, validate
+and report. A short comment marks each place Ray is called.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from mtrec.config import Config
+from mtrec.engine import evaluate, make_optimizer, objective_value, text_inputs, train_step
+from mtrec.features import ExampleSet, collate
+from mtrec.models import build_model
+from mtrec.weighting import StepContext, build_weighting
+from train.checkpoint import TrainState, load_checkpoint, save_checkpoint
+
+OBJECTIVE_KEY = "objective"  # the reported metric that ranks checkpoints (higher is better)
+
+
+def _allreduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Average a tensor over all ranks (the reduce hook every weighting uses)."""
+    y = x.detach().clone()
+    dist.all_reduce(y)
+    return y / dist.get_world_size()
+
+
+def _gather(x: np.ndarray) -> np.ndarray:
+    """One evaluation array concatenated over all ranks, on every rank."""
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, x)
+    return np.concatenate(parts)
+
+
+def _check_in_sync(model: torch.nn.Module, weighting: torch.nn.Module) -> None:
+    """Every rank must hold the same parameters and weighting state; fail loudly if they drift."""
+    with torch.no_grad():
+        tensors = [
+            t.detach().double().flatten() for t in (*model.state_dict().values(), *weighting.state_dict().values())
+        ]
+        fingerprint = torch.stack([torch.cat(tensors).sum(), torch.cat(tensors).abs().sum()]).cpu()
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, fingerprint.tolist())
+    if any(f != everyone[0] for f in everyone):
+        raise RuntimeError(f"ranks diverged: parameter fingerprints {everyone}")
+
+
+def train_func(config: dict[str, Any]) -> dict[str, Any]:
+    cfg = Config.from_dict(config["cfg"])
+    tasks = cfg.tasks
+    # Ray: who am I, and how many of us are there
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    distributed = world > 1 and dist.is_initialized()
+    torch.manual_seed(cfg.train.seed)  # identical initial parameters on every rank
+
+    meta = ExampleSet.load(config["examples_dir"]).meta
+    item_vectors = context_vectors = encoder = None
+    if cfg.encoder.mode == "frozen":  # Ray: the vectors encoded once on the driver side, from the object store
+        item_vectors = torch.as_tensor(ray.get(config["item_vectors"]))
+        if config["context_vectors"] is not None:
+            context_vectors = torch.as_tensor(ray.get(config["context_vectors"]))
+    elif cfg.encoder.mode == "finetune":
+        _, _, encoder = text_inputs(cfg, meta)
+    model = build_model(cfg, meta, item_vectors, encoder, context_vectors).to(device)
+    weighting = build_weighting(
+        cfg.train.weighting, tasks, reduce=_allreduce_mean if distributed else None, **cfg.train.weighting_params
+    )
+    weighting.to(device)
+    optimizer = make_optimizer(model, weighting, cfg)
+    state = TrainState()
+
+    # Ray: the latest checkpoint when this is a restart after a failure (None on a fresh run)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = load_checkpoint(Path(d), model, weighting, optimizer)
+        state.restarts += 1
+        if rank == 0:
+            print(f"[train] resumed at epoch {state.epoch} step {state.step}", file=sys.stderr, flush=True)
+
+    # Ray: move to this worker's device and wrap in DistributedDataParallel (gloo on CPU, NCCL on GPU)
+    ddp_model = ray.train.torch.prepare_model(model)
+    shared = model.shared_parameters() if weighting.needs_shared_grads else []
+    use_amp = cfg.train.use_gpu and cfg.train.bf16 and device.type == "cuda"
+
+    # Ray: this worker's shard of each split (streamed from Parquet by Ray Data)
+    train_shard = ray.train.get_dataset_shard("train")
+    valid_shard = ray.train.get_dataset_shard("valid")
+
+    rows = meta.counts["train"]
+    steps_per_epoch = max(1, rows // (cfg.train.batch_size * world))
+    total_steps = steps_per_epoch * cfg.train.epochs
+    every = cfg.train.checkpoint_every_steps
+
+    def report(metrics: dict[str, Any], with_checkpoint: bool) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if with_checkpoint and rank == 0:
+                save_checkpoint(Path(tmp), model, weighting, optimizer, state)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            # Ray: a barrier every rank calls; only rank 0 hands over the checkpoint
+            ray.train.report(metrics, checkpoint=ckpt)
+
+    while state.epoch < cfg.train.epochs and not state.stopped:
+        ddp_model.train()
+        epoch_losses = torch.zeros(len(tasks), device=device)
+        epoch_counts = torch.zeros(len(tasks), device=device)
+        t0, seen = time.perf_counter(), 0
+        batches = train_shard.iter_batches(
+            batch_size=cfg.train.batch_size,
+            batch_format="numpy",
+            drop_last=True,  # equal batch counts on every rank: DDP all-reduces per step
+            local_shuffle_buffer_size=cfg.train.batch_size * 8,
+            local_shuffle_seed=cfg.train.seed * 1000 + state.epoch,
+        )
+        for i, raw in enumerate(batches):
+            if i < state.batch_in_epoch:  # resumed mid-epoch: these batches were already trained
+                continue
+            batch = {k: v.to(device) for k, v in collate(raw).items()}
+            step_ctx = StepContext(shared_params=shared, step=state.step, epoch=state.epoch)
+            out = train_step(ddp_model, weighting, optimizer, batch, step_ctx, amp=use_amp)
+            observed = step_ctx.observed.float()
+            epoch_losses += torch.nan_to_num(torch.tensor(out["losses"], device=device)) * observed
+            epoch_counts += observed
+            state.step += 1
+            state.batch_in_epoch = i + 1
+            seen += len(batch["labels"])
+            if rank == 0 and state.step % cfg.train.log_every_steps == 0:
+                rate = seen * world / (time.perf_counter() - t0)
+                _progress(state, total_steps, rate, cfg.train.batch_size * world, out, tasks)
+            if every and state.step % every == 0:
+                report({"epoch": state.epoch, "step": state.step, OBJECTIVE_KEY: math.nan}, True)
+
+        # end of epoch: epoch-mean losses agree across ranks before the weighting sees them
+        if distributed:
+            epoch_losses, epoch_counts = _allreduce_mean(epoch_losses), _allreduce_mean(epoch_counts)
+        mean_losses = torch.where(epoch_counts > 0, epoch_losses / epoch_counts.clamp(min=1e-9), torch.nan)
+        weighting.end_epoch(mean_losses)
+        if distributed:
+            _check_in_sync(model, weighting)
+        train_rate = seen * world / (time.perf_counter() - t0)
+
+        valid_batches = (collate(b) for b in valid_shard.iter_batches(batch_size=4096, batch_format="numpy"))
+        metrics = evaluate(ddp_model, valid_batches, tasks, gather=_gather if distributed else None)
+        value = objective_value(metrics, cfg.train.objective)
+        state.epoch += 1
+        state.batch_in_epoch = 0
+        state.record(value, cfg.train.early_stop_patience)
+        row = {
+            "epoch": state.epoch,
+            "step": state.step,
+            OBJECTIVE_KEY: value,
+            "samples_per_s": train_rate,
+            "valid": metrics,
+            "train_loss": dict(zip([t.name for t in tasks], mean_losses.tolist())),
+            "task_weights": dict(zip([t.name for t in tasks], out["weights"])),
+            "stopped": state.stopped,
+            "restarts": state.restarts,
+            "ranks_in_sync": distributed,
+        }
+        state.history.append(row)
+        if rank == 0:
+            print(f"[train] epoch {state.epoch}: {cfg.train.objective}={value:.4f} {json.dumps(metrics)}", flush=True)
+        report(row, True)
+    return {"history": state.history}
+
+
+def _progress(
+    state: TrainState, total: int, rate: float, samples_per_step: int, out: dict[str, Any], tasks: list
+) -> None:
+    losses = " ".join(f"{t.name}={v:.4f}" for t, v in zip(tasks, out["losses"]))
+    eta = max(0, total - state.step) * samples_per_step / max(rate, 1e-9)
+    print(
+        f"[train] step {state.step}/{total} epoch {state.epoch} {rate:,.0f} samples/s loss {losses} eta {eta:,.0f}s",
+        flush=True,
+    )

@@ -1,0 +1,182 @@
+"""Builds and runs a Ray Train ``TorchTrainer`` from a :class:`~mtrec.config.Config`.
+
+Three steps, each usable on its own (Ray Tune calls :func:`build_trainer` with its own callbacks):
+
+1. :func:`prepare` — on the driver: examples Parquet per split, and in ``frozen`` mode the item and
+   context vectors, encoded once by one Ray task and shared with every worker through the object store.
+2. :func:`build_trainer` — the ``TorchTrainer``: scaling, storage, checkpoints, failure handling,
+   Ray Data datasets streamed from the examples Parquet (one shard per worker).
+3. :func:`finalize` — from the best checkpoint: the bundle, ``metrics.json`` and ``curves.png``.
+
+``RUN/metrics.json`` is written last: a run directory without it is not complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import ray.data
+import ray.train
+import torch
+from ray.train.torch import TorchTrainer
+
+from mtrec.bundle import save_bundle
+from mtrec.config import Config, save_config
+from mtrec.data.contract import read_tasks
+from mtrec.engine import batches, evaluate, text_inputs
+from mtrec.features import ExampleSet, collate, prepare_examples
+from mtrec.models import build_model
+from train.checkpoint import STATE, load_model_weights
+from train.loop import OBJECTIVE_KEY, train_func
+
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass
+class Prepared:
+    """What every worker needs, made once on the driver."""
+
+    cfg: Config
+    examples: ExampleSet
+    item_vectors: Any = None  # ObjectRef of a (num_items + 1, D) float32 array, frozen mode
+    context_vectors: Any = None  # ObjectRef of a (num_contexts + 1, D) array, or None
+
+
+@ray.remote(num_cpus=1, num_returns=2)
+def _encode_once(cfg_dict: dict[str, Any], examples_root: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Frozen mode: every item (and context) text through the language model, once per run."""
+    cfg = Config.from_dict(cfg_dict)
+    item_vectors, context_vectors, _ = text_inputs(cfg, ExampleSet.load(examples_root).meta)
+    return item_vectors.numpy(), None if context_vectors is None else context_vectors.numpy()
+
+
+def resolve_config(cfg: Config, data_dir: str | Path) -> Config:
+    """The config with the dataset's path and, unless the config names them, its tasks."""
+    cfg = Config.from_dict(cfg.to_dict())
+    cfg.data.path = str(Path(data_dir).resolve())
+    if not cfg.tasks:
+        cfg.tasks = read_tasks(data_dir)
+    return cfg
+
+
+def prepare(cfg: Config, data_dir: str | Path, work_dir: str | Path) -> Prepared:
+    cfg = resolve_config(cfg, data_dir)
+    examples = prepare_examples(data_dir, cfg, Path(work_dir) / "examples")
+    prepared = Prepared(cfg, examples)
+    if cfg.encoder.mode == "frozen":
+        prepared.item_vectors, prepared.context_vectors = _encode_once.remote(cfg.to_dict(), str(examples.root))
+        ray.wait([prepared.item_vectors])
+    return prepared
+
+
+def run_name(cfg: Config) -> str:
+    """Same config and data → same name, so a rerun (a retried job) resumes instead of starting over."""
+    digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+    return f"train-{digest}"
+
+
+def build_trainer(
+    prepared: Prepared,
+    storage_path: str | Path,
+    name: str | None = None,
+    callbacks: list | None = None,
+) -> TorchTrainer:
+    cfg = prepared.cfg
+    resources = {"CPU": 1, **({"GPU": 1} if cfg.train.use_gpu else {})}
+    datasets = {s: ray.data.read_parquet(str(prepared.examples.path(s))) for s in ("train", "valid")}
+    return TorchTrainer(
+        train_func,
+        train_loop_config={
+            "cfg": cfg.to_dict(),
+            "examples_dir": str(prepared.examples.root),
+            "item_vectors": prepared.item_vectors,
+            "context_vectors": prepared.context_vectors,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=name or run_name(cfg),
+            storage_path=str(Path(storage_path).resolve()),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.train.num_to_keep,
+                checkpoint_score_attribute=OBJECTIVE_KEY,
+                checkpoint_score_order="max",
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=callbacks or None,
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split="all"),
+    )
+
+
+def best_checkpoint(result: Any) -> Any:
+    """The checkpoint with the best validation objective (the latest when none was scored)."""
+    scored = [(c, m) for c, m in (result.best_checkpoints or []) if m.get(OBJECTIVE_KEY) == m.get(OBJECTIVE_KEY)]
+    if scored:
+        return max(scored, key=lambda cm: cm[1][OBJECTIVE_KEY])[0]
+    if result.checkpoint is None:
+        raise RuntimeError(f"training produced no checkpoint (error: {result.error})")
+    return result.checkpoint
+
+
+def finalize(prepared: Prepared, checkpoint: Any, out: str | Path, wall_s: float) -> dict[str, Any]:
+    """Bundle, metrics.json and curves.png from one checkpoint; returns the metrics."""
+    cfg, examples, out = prepared.cfg, prepared.examples, Path(out)
+    item_vectors = context_vectors = encoder = None
+    if cfg.encoder.mode == "frozen":
+        item_vectors = torch.as_tensor(ray.get(prepared.item_vectors))
+        if prepared.context_vectors is not None:
+            context_vectors = torch.as_tensor(ray.get(prepared.context_vectors))
+    elif cfg.encoder.mode == "finetune":
+        _, _, encoder = text_inputs(cfg, examples.meta)
+    model = build_model(cfg, examples.meta, item_vectors, encoder, context_vectors)
+    with checkpoint.as_directory() as d:
+        load_model_weights(Path(d), model)
+        history = json.loads((Path(d) / STATE).read_text())["history"]
+    model.eval()
+
+    metrics: dict[str, Any] = {}
+    for split in ("valid", "test"):
+        arrays = examples.arrays(split)
+        metrics[split] = evaluate(model, (collate(b) for b in batches(arrays, 4096)), cfg.tasks)
+    rates = [h["samples_per_s"] for h in history if "samples_per_s" in h]
+    metrics["train"] = {
+        "samples_per_s": float(np.median(rates)) if rates else 0.0,
+        "wall_s": wall_s,
+        "epochs": len(history),
+        "num_workers": cfg.train.num_workers,
+    }
+    metrics["history"] = history
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_bundle(out / "bundle", cfg, examples.meta, model, item_vectors, examples.meta.item_ids, context_vectors)
+    save_config(cfg, out / "config.yaml")
+    from train.curves import plot_curves
+
+    plot_curves(history, cfg.tasks, out / "curves.png")
+    tmp = out / f".metrics.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(metrics, indent=2, default=float))
+    os.replace(tmp, out / "metrics.json")  # last: marks the run complete
+    return metrics
+
+
+def run_training(cfg: Config, data_dir: str | Path, out: str | Path) -> dict[str, Any]:
+    """prepare → fit → finalize, on the Ray this process is connected to."""
+    out = Path(out)
+    (out / "metrics.json").unlink(missing_ok=True)
+    start = time.perf_counter()
+    prepared = prepare(cfg, data_dir, out)
+    result = build_trainer(prepared, out / "ray").fit()
+    if result.error is not None:
+        raise RuntimeError(f"training failed: {result.error}") from result.error
+    return finalize(prepared, best_checkpoint(result), out, time.perf_counter() - start)

@@ -1,0 +1,25 @@
+"""Language-model text encoders: any Hugging Face model (encoder or decoder-only), loaded offline,
+pooled to one vector per text, with an on-disk vector cache and LoRA adapters for fine-tuning."""
+
+from mtrec.encoders.cache import VectorStore, encode_cached
+from mtrec.encoders.encoder import POOLINGS, TextEncoder, find_layer_stack, pool
+from mtrec.encoders.lora import apply_lora, load_lora_state_dict, lora_state_dict
+from mtrec.encoders.registry import ENCODERS, cache_root, resolve_model_path
+from mtrec.encoders.text import clean_text, clean_texts
+
+__all__ = [
+    "ENCODERS",
+    "POOLINGS",
+    "TextEncoder",
+    "VectorStore",
+    "apply_lora",
+    "cache_root",
+    "clean_text",
+    "clean_texts",
+    "encode_cached",
+    "find_layer_stack",
+    "load_lora_state_dict",
+    "lora_state_dict",
+    "pool",
+    "resolve_model_path",
+]

@@ -1,0 +1,369 @@
+"""Text encoders on tiny random BERT, GPT-2 and Llama models with tokenizers built here (no weights)."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import (
+    BertConfig,
+    BertModel,
+    GPT2Config,
+    GPT2Model,
+    LlamaConfig,
+    LlamaModel,
+    PreTrainedTokenizerFast,
+)
+
+from mtrec.config import EncoderConfig
+from mtrec.encoders import (
+    ENCODERS,
+    TextEncoder,
+    VectorStore,
+    apply_lora,
+    clean_text,
+    clean_texts,
+    encode_cached,
+    load_lora_state_dict,
+    lora_state_dict,
+    pool,
+    resolve_model_path,
+)
+from mtrec.encoders.cache import MAX_SHARDS
+from mtrec.errors import BundleError, ConfigError, DataError
+
+WORDS = (
+    "a the space ship crew alien planet war robot star galaxy cook book recipe bread soup garden "
+    "item summary in one word : . , love story night city old new red blue green fast slow"
+).split()
+TEXTS = [
+    "space ship crew",
+    "the alien planet war robot star galaxy",
+    "cook book",
+    "a red soup recipe in one old city night",
+    "robot",
+]
+
+
+def word_tokenizer(decoder: bool) -> PreTrainedTokenizerFast:
+    """Whitespace WordLevel tokenizer over WORDS; BERT-style [CLS] x [SEP], or a decoder's bare
+    tokens with an EOS and no pad token."""
+    specials = ["<unk>", "</s>", "<s>"] if decoder else ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    vocab = {w: i for i, w in enumerate(specials + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=specials[0] if decoder else "[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if decoder:
+        return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>", bos_token="<s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]"
+    )
+
+
+VOCAB = len(WORDS) + 4
+
+
+def tiny(arch: str, **over) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
+    torch.manual_seed(0)
+    if arch == "bert":
+        cfg = BertConfig(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, **over
+        )
+        return BertModel(cfg).eval(), word_tokenizer(decoder=False)
+    if arch == "gpt2":
+        cfg = GPT2Config(
+            vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=2, eos_token_id=1, **over
+        )
+        return GPT2Model(cfg).eval(), word_tokenizer(decoder=True)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        **over,
+    )
+    return LlamaModel(cfg).eval(), word_tokenizer(decoder=True)
+
+
+def encoder(arch: str, pooling: str = "mean", **kw) -> TextEncoder:
+    model, tok = tiny(arch)
+    return TextEncoder.from_pretrained(model, tok, pooling=pooling, max_length=kw.pop("max_length", 16), **kw)
+
+
+# ---------------------------------------------------------------------------------- text cleaning
+
+
+def test_clean_text_normalises_strips_and_caps():
+    assert clean_text("ﬁne  ＡＢＣ\t\n x\x00y\u200b z ") == "fine ABC xy z"
+    assert clean_text("word " * 10, max_chars=12) == "word word wo"
+    assert clean_text("\x07 \u200b\n") == ""
+
+
+def test_clean_texts_names_bad_rows():
+    with pytest.raises(DataError) as e:
+        clean_texts(["ok", " \x00 ", "fine", None])
+    msg = str(e.value)
+    assert "texts[1] is empty" in msg and "texts[3] is NoneType" in msg and "texts[0]" not in msg
+
+
+def test_prompt_must_hold_text_once():
+    model, tok = tiny("bert")
+    for bad in ("no placeholder", "{text} and {text}"):
+        with pytest.raises(ConfigError, match="exactly once"):
+            TextEncoder.from_pretrained(model, tok, prompt=bad)
+
+
+# ---------------------------------------------------------------------------------- pooling
+
+
+def test_pool_reads_the_mask_on_either_side():
+    h = torch.arange(2 * 4 * 1, dtype=torch.float32).reshape(2, 4, 1)
+    right = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    left = torch.tensor([[0, 1, 1, 1], [0, 0, 1, 1]])
+    assert pool(h, right, "last").squeeze(1).tolist() == [2.0, 5.0]
+    assert pool(h, left, "last").squeeze(1).tolist() == [3.0, 7.0]
+    assert pool(h, right, "cls").squeeze(1).tolist() == [0.0, 4.0]
+    assert pool(h, left, "cls").squeeze(1).tolist() == [1.0, 6.0]
+    assert pool(h, right, "mean").squeeze(1).tolist() == [1.0, 4.5]
+    assert pool(h, left, "mean").squeeze(1).tolist() == [2.0, 6.5]
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])
+def test_encode_shapes_and_order(arch):
+    enc = encoder(arch)
+    out = enc.encode(TEXTS, batch_size=2)
+    assert out.shape == (len(TEXTS), 32) and out.dtype == torch.float32 and torch.isfinite(out).all()
+    singles = torch.cat([enc.encode([t]) for t in TEXTS])
+    torch.testing.assert_close(out, singles, atol=1e-5, rtol=1e-5)
+    assert enc.encode([]).shape == (0, 32)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_decoder_pooling_equals_unpadded_on_either_padding_side(arch, pooling):
+    enc = encoder(arch, pooling=pooling)
+    assert enc.tokenizer.pad_token == "</s>" and enc.tokenizer.padding_side == "right"
+    ids = enc.token_ids(TEXTS)
+    with torch.no_grad():
+        singles = torch.cat([enc(torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long)) for r in ids])
+        width = max(map(len, ids))
+        pad_id = enc.tokenizer.pad_token_id
+        for side in ("right", "left"):
+            rows = [
+                r + [pad_id] * (width - len(r)) if side == "right" else [pad_id] * (width - len(r)) + r for r in ids
+            ]
+            masks = [
+                [int(j < len(r)) if side == "right" else int(j >= width - len(r)) for j in range(width)] for r in ids
+            ]
+            batch = enc(torch.tensor(rows), torch.tensor(masks))
+            torch.testing.assert_close(batch, singles, atol=1e-5, rtol=1e-5, msg=side)
+    # the last token really differs from the mean and from the first token
+    assert not torch.allclose(singles, encoder(arch, pooling="cls").encode(TEXTS), atol=1e-3)
+
+
+def test_mean_pooling_ignores_padding_and_differs_from_cls():
+    enc = encoder("bert", pooling="mean")
+    batch = enc.tokenize(TEXTS)
+    assert (batch["attention_mask"] == 0).any()
+    with torch.no_grad():
+        padded = enc(**batch)
+        hidden = enc.model(**batch).last_hidden_state
+    torch.testing.assert_close(padded, torch.cat([enc.encode([t]) for t in TEXTS]), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(padded, hidden.mean(1), atol=1e-4)  # a plain mean would count the pads
+    torch.testing.assert_close(encoder("bert", pooling="cls").encode(TEXTS), hidden[:, 0])
+
+
+def test_encode_is_deterministic_even_from_train_mode():
+    model, tok = tiny("bert", hidden_dropout_prob=0.5, attention_probs_dropout_prob=0.5)
+    enc = TextEncoder.from_pretrained(model, tok).train()
+    a, b = enc.encode(TEXTS), enc.encode(TEXTS)
+    assert torch.equal(a, b) and enc.training  # eval while encoding, training mode restored after
+    assert not a.requires_grad
+
+
+def test_long_text_keeps_prompt_closing_phrase():
+    enc = encoder("llama", pooling="last", prompt="item : {text} . summary in one word :", max_length=12)
+    (ids,) = enc.token_ids(["space ship crew " * 20])
+    words = enc.tokenizer.convert_ids_to_tokens(ids)
+    assert len(ids) == 12 and words[:2] == ["item", ":"] and words[-6:] == [".", "summary", "in", "one", "word", ":"]
+    bert = encoder("bert", prompt="item : {text} .", max_length=8)
+    (ids,) = bert.token_ids(["space ship crew " * 20])
+    assert bert.tokenizer.convert_ids_to_tokens(ids) == ["[CLS]", "item", ":", "space", "ship", "crew", ".", "[SEP]"]
+    with pytest.raises(ConfigError, match="no room"):
+        encoder("bert", prompt="item summary in one word : {text}", max_length=6)
+
+
+def test_progress_line(capsys):
+    encoder("bert").encode(TEXTS, batch_size=2, progress=True)
+    err = capsys.readouterr().err
+    assert "encode 5/5 texts" in err and "texts/s" in err and err.endswith("\n")
+
+
+# ---------------------------------------------------------------------------------- cache
+
+
+class Counting:
+    """Counts the texts a TextEncoder really encodes."""
+
+    def __init__(self, enc: TextEncoder, monkeypatch):
+        self.calls: list[list[str]] = []
+        real = enc.encode
+
+        def spy(texts, **kw):
+            self.calls.append(list(texts))
+            return real(texts, **kw)
+
+        monkeypatch.setattr(enc, "encode", spy)
+
+
+def test_encode_cached_reencodes_only_changed_texts(tmp_path, monkeypatch):
+    enc = encoder("bert")
+    spy = Counting(enc, monkeypatch)
+    first = encode_cached(enc, TEXTS + [TEXTS[0]], tmp_path)
+    assert first.dtype == np.float32 and first.shape == (6, 32)
+    assert spy.calls == [TEXTS]  # the duplicate is encoded once
+    np.testing.assert_array_equal(first[5], first[0])
+
+    again = encode_cached(enc, list(reversed(TEXTS)), tmp_path)
+    assert len(spy.calls) == 1  # all hits, nothing encoded
+    np.testing.assert_array_equal(again, first[:5][::-1])
+
+    changed = TEXTS[:3] + ["new blue garden", "robot  \u200b"]  # the last one cleans to a cached text
+    out = encode_cached(enc, changed, tmp_path)
+    assert spy.calls[-1] == ["new blue garden"]
+    np.testing.assert_array_equal(out[[0, 1, 2, 4]], first[[0, 1, 2, 4]])
+
+    enc.pooling = "cls"  # other settings, other vectors: nothing is reused
+    encode_cached(enc, TEXTS, tmp_path)
+    assert spy.calls[-1] == TEXTS and len(spy.calls) == 3
+    enc.pooling = "mean"
+    np.testing.assert_allclose(first[:5], enc.encode(TEXTS).numpy(), atol=1e-6)
+
+
+def test_encode_cached_default_dir_is_the_user_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    enc = encoder("bert")
+    np.testing.assert_array_equal(encode_cached(enc, TEXTS, None), encode_cached(enc, TEXTS, ""))
+    (shard_dir,) = (tmp_path / "mtrec" / "vectors").iterdir()
+    assert shard_dir.name.startswith("bert_local-") and len(list(shard_dir.glob("shard-*.npz"))) == 1
+
+
+def test_encode_cached_misses_after_weights_change(tmp_path, monkeypatch):
+    enc = encoder("bert")
+    spy = Counting(enc, monkeypatch)
+    encode_cached(enc, TEXTS, tmp_path)
+    with torch.no_grad():
+        enc.model.encoder.layer[1].output.dense.weight.add_(0.1)
+    encode_cached(enc, TEXTS, tmp_path)
+    assert len(spy.calls) == 2
+
+
+def test_vector_store_concurrent_writers_and_merge(tmp_path):
+    store = VectorStore(tmp_path, dim=4)
+    rng = np.random.default_rng(0)
+    expected = {i.to_bytes(32, "big"): rng.standard_normal(4).astype(np.float32) for i in range(96)}
+    items = list(expected.items())
+
+    def writer(part: int) -> None:
+        for j in range(part, len(items), 16):  # 6 writes of one vector each, per thread
+            store.put([items[j][0]], items[j][1][None])
+
+    threads = [threading.Thread(target=writer, args=(p,)) for p in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    got = store.get(set(expected))
+    assert len(got) == len(expected)
+    assert all(np.array_equal(got[k], v) for k, v in expected.items())
+    shards = list(tmp_path.glob("shard-*.npz"))
+    assert len(shards) <= MAX_SHARDS + 16 and not list(tmp_path.glob(".*tmp"))  # merged as they piled up
+    (tmp_path / "shard-broken.npz").write_bytes(b"not a zip")
+    assert len(store.get(set(expected))) == len(expected)
+
+
+# ---------------------------------------------------------------------------------- fine-tuning
+
+
+def trainable(enc: TextEncoder) -> set[str]:
+    return {n for n, p in enc.model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize(
+    ("arch", "top", "final_norm"),
+    [("bert", "encoder.layer.1.", None), ("gpt2", "h.1.", "ln_f."), ("llama", "layers.1.", "norm.")],
+)
+def test_set_trainable_top_layers(arch, top, final_norm):
+    enc = encoder(arch)
+    enc.set_trainable_top_layers(0)
+    assert trainable(enc) == set()
+    enc.set_trainable_top_layers(1)
+    names = trainable(enc)
+    expected = {
+        n for n, _ in enc.model.named_parameters() if n.startswith(top) or (final_norm and n.startswith(final_norm))
+    }
+    assert names == expected and any(n.startswith(top) for n in names)
+    enc.set_trainable_top_layers(2)
+    assert not any("emb" in n or "wte" in n or "wpe" in n for n in trainable(enc))
+    assert len(trainable(enc)) > len(names)
+    with pytest.raises(ConfigError, match="between 0 and 2"):
+        enc.set_trainable_top_layers(3)
+
+
+def test_lora_trains_only_adapters_and_round_trips(tmp_path):
+    enc = apply_lora(encoder("llama", pooling="last"), r=2, alpha=4, top_layers=1)
+    names = trainable(enc)
+    assert names and all("lora_" in n for n in names)
+    assert all(n.startswith("layers.1.self_attn.") and (".q_proj." in n or ".v_proj." in n) for n in names)
+    before = {n: p.detach().clone() for n, p in enc.model.named_parameters()}
+    opt = torch.optim.SGD([p for p in enc.parameters() if p.requires_grad], lr=0.5)
+    enc.train()
+    loss = enc(**enc.tokenize(TEXTS)).pow(2).sum()
+    loss.backward()
+    opt.step()
+    changed = {n for n, p in enc.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and changed <= names and any("lora_B" in n for n in changed)
+
+    save_file(lora_state_dict(enc), tmp_path / "lora.safetensors")
+    fresh = apply_lora(encoder("llama", pooling="last"), **{k: v for k, v in enc.lora.items() if k != "target"})
+    assert not torch.allclose(fresh.encode(TEXTS), enc.encode(TEXTS))
+    load_lora_state_dict(fresh, load_file(tmp_path / "lora.safetensors"))
+    torch.testing.assert_close(fresh.encode(TEXTS), enc.encode(TEXTS))
+
+    with pytest.raises(BundleError, match="do not match"):
+        load_lora_state_dict(apply_lora(encoder("llama"), r=2, top_layers=2), lora_state_dict(enc))
+    with pytest.raises(ConfigError, match="no such module"):
+        apply_lora(encoder("bert"), target=("q_proj",), top_layers=1)
+
+
+# ---------------------------------------------------------------------------------- loading
+
+
+def test_from_config_loads_a_local_path(tmp_path):
+    model, tok = tiny("gpt2")
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    cfg = EncoderConfig(name=str(tmp_path / "m"), pooling="last", max_length=16, mode="frozen")
+    enc = TextEncoder.from_config(cfg)
+    assert enc.dim == 32 and enc.model_id == f"{tmp_path / 'm'}@main" and trainable(enc) == set()
+    torch.testing.assert_close(enc.encode(TEXTS), TextEncoder.from_pretrained(model, tok, "last", 16).encode(TEXTS))
+    tuned = TextEncoder.from_config(EncoderConfig(name=str(tmp_path / "m"), mode="finetune", finetune_layers=1))
+    assert trainable(tuned) and all(n.startswith(("h.1.", "ln_f.")) for n in trainable(tuned))
+    with pytest.raises(ConfigError, match="ID-only"):
+        TextEncoder.from_config(EncoderConfig(name=str(tmp_path / "m"), mode="none"))
+
+
+def test_unknown_names_fail_fast_and_list_the_registry(tmp_path):
+    assert set(ENCODERS) >= {"minilm", "smollm2"}
+    with pytest.raises(ConfigError, match="minilm, smollm2"):
+        resolve_model_path(str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="local Hugging Face cache"):
+        resolve_model_path("nobody-here/no-such-model-xyz")

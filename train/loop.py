@@ -45,6 +45,12 @@ def _gather(x: np.ndarray) -> np.ndarray:
     return np.concatenate(parts)
 
 
+def fetch_vectors(ref: Any) -> torch.Tensor | None:
+    """A vector table from the object store (a writable copy), or None when there is none."""
+    value = None if ref is None else ray.get(ref)
+    return None if value is None else torch.from_numpy(np.array(value, dtype=np.float32))
+
+
 def _check_in_sync(model: torch.nn.Module, weighting: torch.nn.Module) -> None:
     """Every rank must hold the same parameters and weighting state; fail loudly if they drift."""
     with torch.no_grad():
@@ -70,10 +76,9 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
 
     meta = ExampleSet.load(config["examples_dir"]).meta
     item_vectors = context_vectors = encoder = None
-    if cfg.encoder.mode == "frozen":  # Ray: the vectors encoded once on the driver side, from the object store
-        item_vectors = torch.as_tensor(ray.get(config["item_vectors"]))
-        if config["context_vectors"] is not None:
-            context_vectors = torch.as_tensor(ray.get(config["context_vectors"]))
+    if cfg.encoder.mode == "frozen":  # Ray: the vectors encoded once for the run, from the object store
+        item_vectors = fetch_vectors(config["item_vectors"])
+        context_vectors = fetch_vectors(config["context_vectors"])
     elif cfg.encoder.mode == "finetune":
         _, _, encoder = text_inputs(cfg, meta)
     model = build_model(cfg, meta, item_vectors, encoder, context_vectors).to(device)

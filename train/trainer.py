@@ -25,7 +25,6 @@ import numpy as np
 import ray
 import ray.data
 import ray.train
-import torch
 from ray.train.torch import TorchTrainer
 
 from mtrec.bundle import save_bundle
@@ -35,7 +34,7 @@ from mtrec.engine import batches, evaluate, text_inputs
 from mtrec.features import ExampleSet, collate, prepare_examples
 from mtrec.models import build_model
 from train.checkpoint import STATE, load_model_weights
-from train.loop import OBJECTIVE_KEY, train_func
+from train.loop import OBJECTIVE_KEY, fetch_vectors, train_func
 
 SPLITS = ("train", "valid", "test")
 
@@ -134,9 +133,8 @@ def finalize(prepared: Prepared, checkpoint: Any, out: str | Path, wall_s: float
     cfg, examples, out = prepared.cfg, prepared.examples, Path(out)
     item_vectors = context_vectors = encoder = None
     if cfg.encoder.mode == "frozen":
-        item_vectors = torch.as_tensor(ray.get(prepared.item_vectors))
-        if prepared.context_vectors is not None:
-            context_vectors = torch.as_tensor(ray.get(prepared.context_vectors))
+        item_vectors = fetch_vectors(prepared.item_vectors)
+        context_vectors = fetch_vectors(prepared.context_vectors)
     elif cfg.encoder.mode == "finetune":
         _, _, encoder = text_inputs(cfg, examples.meta)
     model = build_model(cfg, examples.meta, item_vectors, encoder, context_vectors)

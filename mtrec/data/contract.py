@@ -227,17 +227,17 @@ def validate(path: str | Path, display: Path | None = None) -> list[Problem]:
 
     items = tables.get(ITEMS)
     if items is not None:
-        problems += _check_entity(items, name(ITEMS), "item_id", text_required=True)
+        problems += check_entity(items, name(ITEMS), "item_id", text_required=True)
     users = tables.get(USERS)
     if users is not None:
-        problems += _check_entity(users, name(USERS), "user_id", text_required=False)
+        problems += check_entity(users, name(USERS), "user_id", text_required=False)
     inter = tables.get(INTERACTIONS)
     if inter is not None:
-        problems += _check_interactions(inter, name(INTERACTIONS), tasks)
+        problems += check_interactions(inter, name(INTERACTIONS), tasks)
         if items is not None:
-            problems += _check_foreign(inter, items, "item_id", name(INTERACTIONS), name(ITEMS))
+            problems += check_foreign_ids(inter, items, "item_id", name(INTERACTIONS), name(ITEMS))
         if users is not None:
-            problems += _check_foreign(inter, users, "user_id", name(INTERACTIONS), name(USERS))
+            problems += check_foreign_ids(inter, users, "user_id", name(INTERACTIONS), name(USERS))
     return problems
 
 
@@ -249,7 +249,7 @@ def _is_text_type(t: pa.DataType) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t)
 
 
-def _check_entity(t: pa.Table, file: str, id_col: str, text_required: bool) -> list[Problem]:
+def check_entity(t: pa.Table, file: str, id_col: str, text_required: bool) -> list[Problem]:
     out: list[Problem] = []
     if id_col not in t.column_names:
         return [Problem(file, id_col, None, "required column is missing")]
@@ -276,7 +276,7 @@ def _check_entity(t: pa.Table, file: str, id_col: str, text_required: bool) -> l
     return out
 
 
-def _check_interactions(t: pa.Table, file: str, tasks: list[TaskSpec]) -> list[Problem]:
+def check_interactions(t: pa.Table, file: str, tasks: list[TaskSpec]) -> list[Problem]:
     out: list[Problem] = []
     cols = t.column_names
     for c in ("user_id", "item_id"):
@@ -338,7 +338,7 @@ def _check_label(t: pa.Table, file: str, task: TaskSpec) -> list[Problem]:
     return out
 
 
-def _check_foreign(inter: pa.Table, ent: pa.Table, col: str, file: str, ref_file: str) -> list[Problem]:
+def check_foreign_ids(inter: pa.Table, ent: pa.Table, col: str, file: str, ref_file: str) -> list[Problem]:
     if col not in inter.column_names or col not in ent.column_names:
         return []
     a, b = inter.column(col), ent.column(col)

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 
-def split_boundaries(timestamps: np.ndarray, valid_fraction: float, test_fraction: float) -> tuple[float, float]:
+def split_boundaries(
+    timestamps: Sequence[int] | np.ndarray, valid_fraction: float, test_fraction: float, presorted: bool = False
+) -> tuple[float, float]:
     """Timestamps at which valid and test begin: the first ``1 - valid - test`` of rows (by time) train.
 
     A streaming writer that knows its timestamp schedule calls this on that schedule and
-    :func:`assign_split` per chunk; :func:`time_split` does both on a whole table.
+    :func:`assign_split` per chunk; :func:`time_split` does both on a whole table. ``presorted``:
+    the timestamps are already in order and only ``len`` and two lookups touch them, so a lazy
+    sequence (a stream's known schedule) serves without holding every timestamp.
     """
     if not 0 <= valid_fraction < 1 or not 0 <= test_fraction < 1 or valid_fraction + test_fraction >= 1:
         raise ValueError(f"valid_fraction={valid_fraction}, test_fraction={test_fraction}: each in [0, 1), sum < 1")
-    ts = np.sort(np.asarray(timestamps))
+    ts = timestamps if presorted else np.sort(np.asarray(timestamps))
     n = len(ts)
 
     def at(frac: float) -> float:

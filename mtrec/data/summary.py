@@ -10,10 +10,17 @@ import pyarrow.parquet as pq
 from mtrec.data.contract import INTERACTIONS, ITEMS, USERS, read_tasks
 
 
+def _summary_columns(root: Path, tasks: list) -> list[str]:
+    """Only the columns the summary reads (ids, split, cold flag, labels), not text or features."""
+    present = set(pq.read_schema(root / INTERACTIONS).names)
+    wanted = ["user_id", "split", "cold_item", *dict.fromkeys(t.label for t in tasks)]
+    return [c for c in wanted if c in present]
+
+
 def describe(path: str | Path) -> str:
     root = Path(path)
     tasks = read_tasks(root)
-    inter = pq.read_table(root / INTERACTIONS)
+    inter = pq.read_table(root / INTERACTIONS, columns=_summary_columns(root, tasks))
     n_items = pq.read_metadata(root / ITEMS).num_rows
     n_users = (
         pq.read_metadata(root / USERS).num_rows if (root / USERS).exists() else len(pc.unique(inter.column("user_id")))

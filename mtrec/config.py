@@ -78,7 +78,7 @@ class ModelConfig:
 
     arch: Literal["shared_bottom", "mmoe", "ple"] = "mmoe"
     id_dim: int = 32  # user and item id embedding size
-    id_buckets: int = 100_003  # hashing buckets for ids (covers ids unseen in training)
+    id_buckets: int = 10_007  # hashing buckets for ids unseen in training (cold users and items)
     use_item_ids: bool = True
     use_user_ids: bool = True
     history: Literal["din", "transformer", "mean", "none"] = "din"

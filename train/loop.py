@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from mtrec.config import Config
-from mtrec.engine import evaluate, make_optimizer, objective_value, text_inputs, train_step
+from mtrec.engine import evaluate, make_optimizer, make_scheduler, objective_value, text_inputs, train_step
 from mtrec.features import ExampleSet, collate
 from mtrec.models import build_model
 from mtrec.weighting import StepContext, build_weighting
@@ -98,8 +98,9 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
         if rank == 0:
             print(f"[train] resumed at epoch {state.epoch} step {state.step}", file=sys.stderr, flush=True)
 
-    # Ray: move to this worker's device and wrap in DistributedDataParallel (gloo on CPU, NCCL on GPU)
-    ddp_model = ray.train.torch.prepare_model(model)
+    # Ray: move to this worker's device and wrap in DistributedDataParallel (gloo on CPU, NCCL on GPU);
+    # buffers (the item-vector and token tables) are identical on every rank: never re-broadcast them
+    ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
     shared = model.shared_parameters() if weighting.needs_shared_grads else []
     use_amp = cfg.train.use_gpu and cfg.train.bf16 and device.type == "cuda"
 
@@ -111,6 +112,9 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
     steps_per_epoch = max(1, rows // (cfg.train.batch_size * world))
     total_steps = steps_per_epoch * cfg.train.epochs
     every = cfg.train.checkpoint_every_steps
+    scheduler = make_scheduler(optimizer, total_steps)  # cosine decay, a pure function of the step
+    for _ in range(state.step):  # resumed: catch the schedule up with the restored step
+        scheduler.step()
 
     def report(metrics: dict[str, Any], with_checkpoint: bool) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -139,6 +143,7 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
             batch = {k: v.to(device) for k, v in collate(raw).items()}
             step_ctx = StepContext(shared_params=shared, step=state.step, epoch=state.epoch)
             out = train_step(ddp_model, weighting, optimizer, batch, step_ctx, amp=use_amp)
+            scheduler.step()
             observed = step_ctx.observed.float()
             epoch_losses += torch.nan_to_num(torch.tensor(out["losses"], device=device)) * observed
             epoch_counts += observed

@@ -1,0 +1,169 @@
+"""The trained-model bundle that serving loads: safetensors for tensors, JSON for everything else.
+
+``bundle.json``          format, version, the run's config, and the sha256 of every other file
+``meta.json``            :class:`~mtrec.features.FeatureMeta`: tasks, vocabularies, feature statistics
+``model.safetensors``    the model's state dict (in finetune mode with the language model's weights)
+``vectors.safetensors``  ``item_vectors`` (num_items + 1, D), ``context_vectors`` (num_contexts + 1, D)
+                         when the data has contexts; absent for an ID-only model
+``items.json``           ``item_ids``: the raw id of item index i + 1 is ``item_ids[i]``
+
+Nothing is ever unpickled. A missing, corrupt (checksum) or incompatible (version, shapes) file is a
+:class:`~mtrec.errors.BundleError` naming the file. Loading rebuilds the model from the config and
+meta and loads the weights, so predictions match the saved model's bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from mtrec.config import Config
+from mtrec.data.contract import atomic_dir
+from mtrec.errors import BundleError, MtrecError
+from mtrec.features import FeatureMeta
+from mtrec.models import MultiTaskModel, build_model
+
+if TYPE_CHECKING:
+    from mtrec.encoders import TextEncoder
+
+BUNDLE_FORMAT = "mtrec-bundle"
+BUNDLE_VERSION = 1
+MANIFEST = "bundle.json"
+META = "meta.json"
+WEIGHTS = "model.safetensors"
+VECTORS = "vectors.safetensors"
+ITEMS = "items.json"
+
+
+@dataclass
+class Bundle:
+    """A loaded bundle: the model in eval mode and what serving needs around it."""
+
+    path: Path
+    cfg: Config
+    meta: FeatureMeta
+    model: MultiTaskModel
+    item_vectors: Tensor | None  # (num_items + 1, D), row 0 zeros
+    context_vectors: Tensor | None
+    item_ids: list[Any]
+
+
+def save_bundle(
+    path: str | Path,
+    cfg: Config,
+    meta: FeatureMeta,
+    model: nn.Module,
+    item_vectors: Tensor | None,
+    item_ids: list[Any],
+    context_vectors: Tensor | None = None,
+) -> Path:
+    """Write a bundle directory atomically.
+
+    ``model`` may be DDP-wrapped. ``item_vectors`` (num_items + 1, D): the text vector of each item
+    (None: taken from the model, which in finetune mode encodes every item with its trained layers).
+    """
+    m: MultiTaskModel = getattr(model, "module", model)
+    if cfg.encoder.mode != "none":
+        text = m.item_tower.text
+        item_vectors = item_vectors if item_vectors is not None else text.table(m.encoder)
+        if context_vectors is None and m.context_text is not None:
+            context_vectors = m.context_text.table(m.encoder)
+        if item_vectors.shape[0] != len(item_ids) + 1:
+            raise BundleError(
+                f"item_vectors has {item_vectors.shape[0]} rows; expected {len(item_ids) + 1} (item_ids + row 0)"
+            )
+    with atomic_dir(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous().clone() for k, v in m.state_dict().items()}, tmp / WEIGHTS)
+        if item_vectors is not None:
+            vectors = {"item_vectors": item_vectors}
+            if context_vectors is not None:
+                vectors["context_vectors"] = context_vectors
+            save_file({k: v.detach().float().cpu().contiguous() for k, v in vectors.items()}, tmp / VECTORS)
+        (tmp / META).write_text(json.dumps(meta.to_json()))
+        (tmp / ITEMS).write_text(json.dumps({"item_ids": list(item_ids)}))
+        files = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
+        manifest = {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "config": cfg.to_dict(), "files": files}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return Path(path)
+
+
+def load_bundle(path: str | Path, encoder: TextEncoder | None = None, device: str | torch.device = "cpu") -> Bundle:
+    """Load and check a bundle. ``encoder``: the language model skeleton of a finetune-mode bundle
+    (default: built from the bundle's config; its weights come from the bundle)."""
+    root = Path(path)
+    manifest = _json(root / MANIFEST)
+    if manifest.get("format") != BUNDLE_FORMAT or manifest.get("version") != BUNDLE_VERSION:
+        raise BundleError(
+            f"{root / MANIFEST}: format {manifest.get('format')!r} version {manifest.get('version')!r}; "
+            f"this code reads {BUNDLE_FORMAT!r} version {BUNDLE_VERSION}"
+        )
+    files = manifest.get("files")
+    if not isinstance(files, dict) or WEIGHTS not in files or META not in files or ITEMS not in files:
+        raise BundleError(f"{root / MANIFEST}: 'files' must list {WEIGHTS}, {META} and {ITEMS}")
+    for name, digest in files.items():
+        f = root / name
+        if not f.is_file():
+            raise BundleError(f"{f}: file is missing")
+        if _sha256(f) != digest:
+            raise BundleError(f"{f}: checksum mismatch (the file is corrupt or was changed after saving)")
+    try:
+        cfg = Config.from_dict(manifest["config"])
+        meta = FeatureMeta.from_json(_json(root / META), str(root / META))
+    except (MtrecError, KeyError, TypeError) as e:
+        raise BundleError(f"{root / MANIFEST} / {root / META}: incompatible contents: {e}") from e
+    item_ids = _json(root / ITEMS).get("item_ids")
+    if item_ids != meta.item_ids:
+        raise BundleError(f"{root / ITEMS}: item_ids differ from the catalog in {root / META}")
+    vectors = _tensors(root / VECTORS) if VECTORS in files else {}
+    if cfg.encoder.mode == "finetune" and encoder is None:
+        from mtrec.encoders import TextEncoder
+
+        encoder = TextEncoder.from_config(cfg.encoder)
+    try:
+        model = build_model(
+            cfg,
+            meta,
+            vectors.get("item_vectors") if cfg.encoder.mode == "frozen" else None,
+            encoder if cfg.encoder.mode == "finetune" else None,
+            vectors.get("context_vectors") if cfg.encoder.mode == "frozen" else None,
+        )
+        model.load_state_dict(_tensors(root / WEIGHTS), strict=True)
+    except (MtrecError, RuntimeError, ValueError) as e:
+        raise BundleError(f"{root / WEIGHTS}: does not fit the model the bundle's config describes: {e}") from e
+    model.to(device).eval()
+    return Bundle(root, cfg, meta, model, vectors.get("item_vectors"), vectors.get("context_vectors"), item_ids)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise BundleError(f"{path}: file is missing")
+    try:
+        out = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path}: not valid JSON: {e}") from e
+    if not isinstance(out, dict):
+        raise BundleError(f"{path}: expected a JSON object, found {type(out).__name__}")
+    return out
+
+
+def _tensors(path: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise BundleError(f"{path}: not a readable safetensors file: {e}") from e

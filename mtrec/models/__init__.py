@@ -1,0 +1,7 @@
+"""Multi-task recommendation models: towers, architectures (shared-bottom, MMoE, PLE), ESMM heads, losses."""
+
+from mtrec.models.architectures import ARCHITECTURES
+from mtrec.models.losses import task_losses
+from mtrec.models.multitask import MultiTaskModel, build_model
+
+__all__ = ["ARCHITECTURES", "MultiTaskModel", "build_model", "task_losses"]

@@ -1,0 +1,138 @@
+"""Bundles: a saved and reloaded model predicts bit for bit the same; a damaged bundle names its file."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from mtrec.bundle import MANIFEST, META, VECTORS, WEIGHTS, load_bundle, save_bundle
+from mtrec.config import Config
+from mtrec.data.synthetic import generate
+from mtrec.engine import batches, make_optimizer, train_step
+from mtrec.errors import BundleError
+from mtrec.features import collate, prepare_examples
+from mtrec.models import build_model
+from mtrec.weighting import StepContext, build_weighting
+
+
+@pytest.fixture(scope="module")
+def examples(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bundle")
+    data = generate("search", root / "data", num_users=40, num_items=30, num_interactions=1500, seed=1)
+    cfg = Config().override(["model.id_buckets=5", "data.max_history=4"])
+    return prepare_examples(data, cfg, root / "examples")
+
+
+def config(mode: str) -> Config:
+    return Config().override(
+        [f"encoder.mode={mode}", "model.id_buckets=5", "data.max_history=4", "model.arch=ple", "model.dropout=0.2"]
+    )
+
+
+def trained(cfg: Config, examples, item_vectors=None, context_vectors=None, encoder=None):
+    """A model a few steps away from its initialisation, so that every weight matters."""
+    torch.manual_seed(0)
+    model = build_model(cfg, examples.meta, item_vectors, encoder, context_vectors)
+    weighting = build_weighting("static", examples.meta.tasks)
+    optimizer = make_optimizer(model, weighting, cfg)
+    for b in list(batches(examples.arrays("train"), 64, np.random.default_rng(0)))[:5]:
+        train_step(model, weighting, optimizer, collate(b), StepContext())
+    return model.eval()
+
+
+def predictions(model, examples) -> dict[str, torch.Tensor]:
+    batch = collate(examples.arrays("test"))
+    with torch.no_grad():
+        return model(batch)
+
+
+def table(rows: int, seed: int) -> torch.Tensor:
+    t = torch.randn(rows, 16, generator=torch.Generator().manual_seed(seed))
+    t[0] = 0
+    return t
+
+
+@pytest.fixture(autouse=True)
+def no_unpickling(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("a bundle must never be unpickled")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+
+
+@pytest.mark.parametrize("mode", ["frozen", "none"])
+def test_round_trip_predicts_bit_identically(tmp_path, examples, mode):
+    cfg, meta = config(mode), examples.meta
+    vectors = (table(meta.num_items + 1, 0), table(len(meta.contexts) + 1, 1)) if mode == "frozen" else (None, None)
+    model = trained(cfg, examples, *vectors)
+    path = save_bundle(tmp_path / "b", cfg, meta, model, vectors[0], meta.item_ids, vectors[1])
+    assert (path / VECTORS).exists() == (mode == "frozen")
+    bundle = load_bundle(path)
+    before, after = predictions(model, examples), predictions(bundle.model, examples)
+    for task in before:
+        assert torch.equal(before[task], after[task]), task
+    assert bundle.item_ids == meta.item_ids and bundle.cfg == cfg
+    if mode == "frozen":
+        assert torch.equal(bundle.item_vectors, vectors[0]) and torch.equal(bundle.context_vectors, vectors[1])
+    assert json.loads((path / MANIFEST).read_text())["version"] == 1
+
+
+def test_finetune_bundle_carries_the_trained_encoder_and_its_item_vectors(tmp_path, examples):
+    from test_models import tiny_encoder
+
+    cfg = config("finetune")
+    cfg.encoder.finetune_layers = 1
+    model = trained(cfg, examples, encoder=tiny_encoder(tmp_path))
+    path = save_bundle(tmp_path / "b", cfg, examples.meta, model, None, examples.meta.item_ids)
+    skeleton = tiny_encoder(tmp_path)
+    torch.nn.init.normal_(skeleton.model.embeddings.word_embeddings.weight)  # weights must come from the bundle
+    bundle = load_bundle(path, encoder=skeleton)
+    before, after = predictions(model, examples), predictions(bundle.model, examples)
+    assert all(torch.equal(before[t], after[t]) for t in before)
+    assert bundle.item_vectors.shape == (examples.meta.num_items + 1, skeleton.dim)
+    torch.testing.assert_close(bundle.item_vectors, model.item_tower.text.table(model.encoder))
+
+
+@pytest.fixture
+def saved(tmp_path, examples):
+    cfg, meta = config("frozen"), examples.meta
+    vectors = table(meta.num_items + 1, 0), table(len(meta.contexts) + 1, 1)
+    return save_bundle(
+        tmp_path / "b", cfg, meta, trained(cfg, examples, *vectors), vectors[0], meta.item_ids, vectors[1]
+    )
+
+
+@pytest.mark.parametrize("name", [WEIGHTS, VECTORS, META])
+def test_a_changed_byte_is_a_bundle_error_naming_the_file(saved, name):
+    data = bytearray((saved / name).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (saved / name).write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=f"{name}: checksum mismatch"):
+        load_bundle(saved)
+
+
+@pytest.mark.parametrize("name", [WEIGHTS, META, MANIFEST])
+def test_a_missing_file_is_a_bundle_error_naming_it(saved, name):
+    (saved / name).unlink()
+    with pytest.raises(BundleError, match=f"{name}: file is missing"):
+        load_bundle(saved)
+
+
+def test_other_versions_and_mismatched_weights_are_refused(saved, examples):
+    manifest = json.loads((saved / MANIFEST).read_text())
+    (saved / MANIFEST).write_text(json.dumps({**manifest, "version": 99}))
+    with pytest.raises(BundleError, match="version 99"):
+        load_bundle(saved)
+    (saved / MANIFEST).write_text("{not json")
+    with pytest.raises(BundleError, match=f"{MANIFEST}: not valid JSON"):
+        load_bundle(saved)
+    manifest["config"]["model"]["expert_dim"] = 8  # weights no longer fit the model the config builds
+    (saved / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=f"{WEIGHTS}: does not fit"):
+        load_bundle(saved)

@@ -68,7 +68,7 @@ def resolve_config(cfg: Config, data_dir: str | Path) -> Config:
 
 def prepare(cfg: Config, data_dir: str | Path, work_dir: str | Path) -> Prepared:
     cfg = resolve_config(cfg, data_dir)
-    examples = prepare_examples(data_dir, cfg, Path(work_dir) / "examples")
+    examples = prepare_examples(data_dir, cfg, Path(work_dir).resolve() / "examples")
     prepared = Prepared(cfg, examples)
     if cfg.encoder.mode == "frozen":
         prepared.item_vectors, prepared.context_vectors = _encode_once.remote(cfg.to_dict(), str(examples.root))
@@ -170,7 +170,7 @@ def finalize(prepared: Prepared, checkpoint: Any, out: str | Path, wall_s: float
 
 def run_training(cfg: Config, data_dir: str | Path, out: str | Path) -> dict[str, Any]:
     """prepare → fit → finalize, on the Ray this process is connected to."""
-    out = Path(out)
+    out = Path(out).resolve()  # workers run in other directories (and on other nodes)
     (out / "metrics.json").unlink(missing_ok=True)
     start = time.perf_counter()
     prepared = prepare(cfg, data_dir, out)

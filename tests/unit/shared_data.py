@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,3 +18,14 @@ def shared_data(name: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"real data folder {path} is absent (set MTREC_SHARED_DATA to the shared/data folder)")
     return path
+
+
+def assert_fails_cleanly(convert: Callable[[Path, Path], Path], src: Path, out: Path, *fragments: str) -> None:
+    """``convert(src, out)`` raises a DataError naming every fragment and leaves no output behind."""
+    from mtrec.errors import DataError
+
+    with pytest.raises(DataError) as e:
+        convert(src, out)
+    for fragment in fragments:
+        assert fragment in str(e.value)
+    assert not out.exists() and not list(out.parent.glob(f".{out.name}*"))

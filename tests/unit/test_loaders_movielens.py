@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from shared_data import shared_data
+from shared_data import assert_fails_cleanly, shared_data
 
 from mtrec.cli import main
 from mtrec.data.contract import read_tasks, validate
@@ -124,11 +124,7 @@ def test_ml1m_double_colon_format(tmp_path: Path) -> None:
 
 
 def _assert_fails(src: Path, out: Path, *fragments: str) -> None:
-    with pytest.raises(DataError) as e:
-        convert(src, out)
-    for fragment in fragments:
-        assert fragment in str(e.value)
-    assert not out.exists() and not list(out.parent.glob(f".{out.name}*"))
+    assert_fails_cleanly(convert, src, out, *fragments)
 
 
 def test_bad_sources_name_file_and_column(tmp_path: Path) -> None:

@@ -28,12 +28,13 @@ MOVIELENS_RUNS = {
     "id_only_ple": ["encoder.mode=none", "model.arch=ple"],
 }
 
+ID_ONLY = ["encoder.mode=none", "model.use_item_ids=true", "model.use_user_ids=true"]
 THROUGHPUT_RUNS = {
     # name: (workers, overrides)
-    "id_only_mmoe_1w": (1, ["encoder.mode=none"]),
+    "id_only_mmoe_1w": (1, ID_ONLY),
     "frozen_minilm_1w": (1, ["encoder.mode=frozen"]),
     "frozen_minilm_2w": (2, ["encoder.mode=frozen"]),
-    "id_only_mmoe_2w": (2, ["encoder.mode=none"]),
+    "id_only_mmoe_2w": (2, ID_ONLY),
     "finetune_minilm_1w": (1, ["encoder.mode=finetune", "encoder.finetune_layers=2"]),
     "finetune_minilm_2w": (2, ["encoder.mode=finetune", "encoder.finetune_layers=2"]),
 }

@@ -72,7 +72,10 @@ def prepare(cfg: Config, data_dir: str | Path, work_dir: str | Path) -> Prepared
     prepared = Prepared(cfg, examples)
     if cfg.encoder.mode == "frozen":
         prepared.item_vectors, prepared.context_vectors = _encode_once.remote(cfg.to_dict(), str(examples.root))
-        ray.wait([prepared.item_vectors])
+    if cfg.encoder.mode != "finetune":  # fail here, once, not in every worker on every retry
+        build_model(
+            cfg, examples.meta, fetch_vectors(prepared.item_vectors), None, fetch_vectors(prepared.context_vectors)
+        )
     return prepared
 
 

@@ -36,7 +36,7 @@ def _tiny_encoder(tokenizer: Any):
         num_attention_heads=2,
         intermediate_size=64,
     )
-    return TextEncoder.from_pretrained(BertModel(config).eval(), tokenizer, max_length=64, model_id="tiny-bert@random")
+    return TextEncoder(BertModel(config).eval(), tokenizer, max_length=64, model_id="tiny-bert@random")
 
 
 def _samples_per_s(model: torch.nn.Module, batches: list[dict], repeats: int) -> dict[str, Any]:

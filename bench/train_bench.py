@@ -88,7 +88,7 @@ def bench_throughput(work: Path, interactions: int, finetune_interactions: int) 
         finetune = "encoder.mode=finetune" in overrides
         m = _train(
             "synthetic-ecommerce",
-            [f"train.num_workers={workers}", f"train.epochs={1 if finetune else 2}", *overrides],
+            [f"train.num_workers={workers}", f"train.epochs={2 if finetune else 3}", *overrides],
             small if finetune else data,
             work / name,
         )

@@ -148,19 +148,6 @@ class TextEncoder(nn.Module):
         enc.set_trainable_top_layers(cfg.finetune_layers if cfg.mode == "finetune" else 0)
         return enc
 
-    @classmethod
-    def from_pretrained(
-        cls,
-        model: nn.Module,
-        tokenizer: Any,
-        pooling: str = "mean",
-        max_length: int = 64,
-        prompt: str = "{text}",
-        model_id: str | None = None,
-    ) -> TextEncoder:
-        """Wrap a model and tokenizer already in memory (all parameters stay as they are)."""
-        return cls(model, tokenizer, pooling, max_length, prompt, model_id=model_id)
-
     @property
     def dim(self) -> int:
         return int(self.model.config.hidden_size)

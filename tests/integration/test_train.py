@@ -115,14 +115,15 @@ def test_killed_worker_recovers_from_checkpoint(baseline, dataset, tmp_path):
     def kill_after_first_checkpoint():
         deadline = time.time() + 400
         while time.time() < deadline and not killed:
-            # two checkpoint folders: the first one is surely registered, so the restart can use it
-            if len(list((out / "ray").glob("*/checkpoint_*"))) >= 2:
+            # Ray Train's controller writes this snapshot once it has registered a checkpoint, so a
+            # restart can use it (a checkpoint folder on disk alone may not be registered yet)
+            if list((out / "ray").glob("*/checkpoint_manager_snapshot.json")):
                 workers = _train_workers()
                 if workers:
                     os.kill(workers[-1].pid, signal.SIGKILL)
                     killed.append(workers[-1].pid)
                     return
-            time.sleep(0.5)
+            time.sleep(0.1)
 
     killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
     killer.start()

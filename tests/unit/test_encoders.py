@@ -95,7 +95,7 @@ def tiny(arch: str, **over) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
 
 def encoder(arch: str, pooling: str = "mean", **kw) -> TextEncoder:
     model, tok = tiny(arch)
-    return TextEncoder.from_pretrained(model, tok, pooling=pooling, max_length=kw.pop("max_length", 16), **kw)
+    return TextEncoder(model, tok, pooling=pooling, max_length=kw.pop("max_length", 16), **kw)
 
 
 # ---------------------------------------------------------------------------------- text cleaning
@@ -118,7 +118,7 @@ def test_prompt_must_hold_text_once():
     model, tok = tiny("bert")
     for bad in ("no placeholder", "{text} and {text}"):
         with pytest.raises(ConfigError, match="exactly once"):
-            TextEncoder.from_pretrained(model, tok, prompt=bad)
+            TextEncoder(model, tok, prompt=bad)
 
 
 # ---------------------------------------------------------------------------------- pooling
@@ -183,7 +183,7 @@ def test_mean_pooling_ignores_padding_and_differs_from_cls():
 
 def test_encode_is_deterministic_even_from_train_mode():
     model, tok = tiny("bert", hidden_dropout_prob=0.5, attention_probs_dropout_prob=0.5)
-    enc = TextEncoder.from_pretrained(model, tok).train()
+    enc = TextEncoder(model, tok).train()
     a, b = enc.encode(TEXTS), enc.encode(TEXTS)
     assert torch.equal(a, b) and enc.training  # eval while encoding, training mode restored after
     assert not a.requires_grad
@@ -354,7 +354,7 @@ def test_from_config_loads_a_local_path(tmp_path):
     cfg = EncoderConfig(name=str(tmp_path / "m"), pooling="last", max_length=16, mode="frozen")
     enc = TextEncoder.from_config(cfg)
     assert enc.dim == 32 and enc.model_id == f"{tmp_path / 'm'}@main" and trainable(enc) == set()
-    torch.testing.assert_close(enc.encode(TEXTS), TextEncoder.from_pretrained(model, tok, "last", 16).encode(TEXTS))
+    torch.testing.assert_close(enc.encode(TEXTS), TextEncoder(model, tok, "last", 16).encode(TEXTS))
     tuned = TextEncoder.from_config(EncoderConfig(name=str(tmp_path / "m"), mode="finetune", finetune_layers=1))
     assert trainable(tuned) and all(n.startswith(("h.1.", "ln_f.")) for n in trainable(tuned))
     with pytest.raises(ConfigError, match="ID-only"):

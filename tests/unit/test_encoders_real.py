@@ -88,7 +88,7 @@ def test_smollm2_is_a_cached_decoder(smollm2):
     assert path.name.startswith("smollm2-") and (path / "model.safetensors").exists()
     assert resolve_model_path("smollm2") == str(path)  # the same conversion, not a new one
     assert smollm2.tokenizer.pad_token == smollm2.tokenizer.eos_token and smollm2.tokenizer.padding_side == "right"
-    last = TextEncoder.from_pretrained(smollm2.model, smollm2.tokenizer, pooling="last", max_length=128)
+    last = TextEncoder(smollm2.model, smollm2.tokenizer, pooling="last", max_length=128)
     torch.testing.assert_close(
         last.encode(TEXTS[:4]), torch.cat([last.encode([t]) for t in TEXTS[:4]]), atol=1e-4, rtol=1e-4
     )

@@ -225,7 +225,7 @@ def tiny_encoder(tmp_path):
             intermediate_size=32,
         )
     )
-    return TextEncoder.from_pretrained(bert, tokenizer, max_length=12)
+    return TextEncoder(bert, tokenizer, max_length=12)
 
 
 def test_finetune_mode_trains_the_top_layers_on_unique_items(tmp_path, monkeypatch):

@@ -57,7 +57,8 @@ def _check_in_sync(model: torch.nn.Module, weighting: torch.nn.Module) -> None:
         tensors = [
             t.detach().double().flatten() for t in (*model.state_dict().values(), *weighting.state_dict().values())
         ]
-        fingerprint = torch.stack([torch.cat(tensors).sum(), torch.cat(tensors).abs().sum()]).cpu()
+        flat = torch.cat(tensors)
+        fingerprint = torch.stack([flat.sum(), flat.abs().sum()]).cpu()
     everyone: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, fingerprint.tolist())
     if any(f != everyone[0] for f in everyone):

@@ -36,8 +36,6 @@ from mtrec.models import build_model
 from train.checkpoint import STATE, load_model_weights
 from train.loop import OBJECTIVE_KEY, fetch_vectors, train_func
 
-SPLITS = ("train", "valid", "test")
-
 
 @dataclass
 class Prepared:

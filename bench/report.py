@@ -1,0 +1,150 @@
+"""Regenerate ``BENCHMARKS.md`` from ``bench/results/*.json`` (``python -m bench.report``).
+
+Nothing in the table is typed by hand: each row names a figure and the JSON path it is read from, and
+the table prints that path beside the value, so every figure traces to its results file. A results
+file without a section below is shown through its ``headline`` mapping (label -> value), the
+convention for new benchmarks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from bench.common import RESULTS
+
+OUT = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
+
+Path_ = tuple[str | int, ...]  # keys and list indexes, e.g. ("results", 1, "rows_per_s")
+Row = tuple[str, Path_]  # (figure, where its value is)
+
+
+def lookup(doc: Any, path: Path_) -> Any:
+    """The value at ``path``; KeyError naming the missing part."""
+    value = doc
+    for part in path:
+        try:
+            value = value[part]
+        except (KeyError, IndexError, TypeError) as e:
+            raise KeyError(f"{show(path)}: no {part!r}") from e
+    return value
+
+
+def show(path: Path_) -> str:
+    """``("results", 1, "rows_per_s")`` -> ``results[1].rows_per_s``."""
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value).lower() if isinstance(value, bool) else "n/a"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "n/a"
+        a = abs(value)
+        if a >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:.1f}" if a >= 100 else f"{value:.3f}" if a >= 0.01 else f"{value:.2g}"
+    return str(value)
+
+
+def _data(doc: dict) -> Iterator[Row]:
+    for i, r in enumerate(doc["results"]):
+        yield f"synthetic generator, {r['rows']:,} rows: rows/s", ("results", i, "rows_per_s")
+        yield f"synthetic generator, {r['rows']:,} rows: peak RSS (MB)", ("results", i, "peak_rss_mb")
+
+
+def _model(doc: dict) -> Iterator[Row]:
+    for arch, runs in doc["results"].items():
+        for run in ("frozen_minilm_384d", "finetune_minilm_top2"):
+            if run in runs:
+                yield f"{arch}, {run}: forward+backward samples/s", ("results", arch, run, "samples_per_s")
+
+
+def _per_task_runs(doc: dict, runs_key: str = "runs") -> Iterator[Row]:
+    for name, run in doc[runs_key].items():
+        for task, m in run.items():
+            if isinstance(m, dict):
+                for metric in ("auc", "cold_auc"):
+                    if metric in m:
+                        yield f"{name}: {task} {metric}", (runs_key, name, task, metric)
+        if "samples_per_s" in run:
+            yield f"{name}: training samples/s", (runs_key, name, "samples_per_s")
+
+
+def _training(doc: dict) -> Iterator[Row]:
+    for name in doc["runs"]:
+        yield f"{name}: samples/s", ("runs", name, "samples_per_s")
+    for key in sorted(k for k in doc if k.startswith(("scaling_efficiency", "frozen_vs"))):
+        yield key.replace("_", " "), (key,)
+
+
+def _policies(doc: dict) -> Iterator[Row]:
+    for name in doc["table"]:
+        yield f"{name}: reward / oracle before the shift (median)", ("table", name, "before_median")
+        yield f"{name}: reward / oracle after the shift (median)", ("table", name, "after_median")
+    for key in doc.get("bar", {}):
+        yield key.replace("_", " "), ("bar", key)
+
+
+def _headline(doc: dict) -> Iterator[Row]:
+    for key in doc.get("headline", {}):
+        yield key, ("headline", key)
+
+
+SECTIONS: dict[str, tuple[str, Callable[[dict], Iterator[Row]]]] = {
+    "data": ("Data: synthetic generator throughput and memory", _data),
+    "model": ("Model core: forward+backward throughput (single process)", _model),
+    "movielens": ("MovieLens-100K click/like: LLM text against ID-only (Ray Train)", _per_task_runs),
+    "training": ("Training throughput on Ray Train (synthetic e-commerce)", _training),
+    "llm": ("Text backbones on MovieLens-100K: ID only, MiniLM, SmolLM2", _per_task_runs),
+    "policies": ("Fusion-weight policies in the simulator (fraction of the oracle reward)", _policies),
+}
+
+
+def section(name: str, doc: dict) -> list[str]:
+    title, rows = SECTIONS.get(name, (f"{name}", _headline))
+    m = doc.get("machine", {})
+    where = f"{m.get('cpus', '?')} CPUs, {m.get('mem_gib', '?')} GiB, torch {m.get('torch', '?')}"
+    where += f", ray {m['ray']}" if "ray" in m else ""
+    where += f", GPU {m['cuda']}" if m.get("cuda") else ", no GPU"
+    lines = [f"## {title}", "", f"`bench/results/{name}.json`, {doc.get('date', '?')}; {where}.", ""]
+    lines += ["| figure | value | JSON path |", "| --- | ---: | --- |"]
+    for label, path in rows(doc):
+        lines.append(f"| {label} | {fmt(lookup(doc, path))} | `{show(path)}` |")
+    plots = sorted(p.name for p in RESULTS.glob(f"{name}*.png"))
+    lines += [""] + [f"![{p}](bench/results/{p})" for p in plots] + ([""] if plots else [])
+    return lines
+
+
+def render(results: Path = RESULTS) -> str:
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `python -m bench.report` from `bench/results/*.json` (do not edit by hand);",
+        "`python -m bench` re-runs the benchmarks. Each row gives the JSON path its value is read from.",
+        "",
+    ]
+    order = [*SECTIONS, *sorted(p.stem for p in results.glob("*.json") if p.stem not in SECTIONS)]
+    for name in order:
+        path = results / f"{name}.json"
+        if path.is_file():
+            lines += section(name, json.loads(path.read_text()))
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write(out: Path = OUT) -> Path:
+    tmp = out.with_suffix(".md.tmp")
+    tmp.write_text(render())
+    tmp.replace(out)
+    return out
+
+
+if __name__ == "__main__":
+    print(f"wrote {write()}", file=sys.stderr)

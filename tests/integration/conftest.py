@@ -21,3 +21,57 @@ def ray_cluster():
     yield ray
     if started:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def prometheus_server(ray_cluster, tmp_path_factory):
+    """A real Prometheus (the Debian binary) on a free 127.0.0.1 port, scraping the session Ray's
+    metrics export port every second. A test may stop and restart it (same port and data folder,
+    ``cluster.prometheus.start_prometheus(server.config, server.port, server.data_dir)``); teardown
+    stops whichever process the pid file names."""
+    from cluster.prometheus import ray_metrics_targets, start_prometheus, stop_prometheus, write_config
+
+    root = tmp_path_factory.mktemp("prometheus")
+    config = write_config(root / "prometheus.yml", targets=ray_metrics_targets(), scrape_interval_s=1.0)
+    server = start_prometheus(config, data_dir=root / "data")
+    yield server
+    stop_prometheus(server.data_dir)
+
+
+@pytest.fixture(scope="session")
+def serve_http(ray_cluster):
+    """Ray Serve's HTTP proxy on 127.0.0.1: its base URL (a free port when this call starts Serve; the
+    port of the Serve already running otherwise, since Serve keeps its first HTTP options)."""
+    import ray.serve
+    from ray.serve.context import _get_global_client  # the running Serve's HTTP options (no public getter)
+
+    from cluster.prometheus import free_port
+
+    ray.serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    return f"http://127.0.0.1:{_get_global_client().http_config.port}"
+
+
+@pytest.fixture(scope="session")
+def serve_bundle(tmp_path_factory):
+    """A small bundle for the serving tests: the packaged MiniLM (frozen) under a small multi-task model
+    trained one epoch in-process on a small synthetic ecommerce dataset. Returns (bundle dir, data dir)."""
+    from mtrec.bundle import save_bundle
+    from mtrec.config import Config
+    from mtrec.data.synthetic import generate
+    from mtrec.engine import fit
+
+    root = tmp_path_factory.mktemp("serve-bundle")
+    data = generate("ecommerce", root / "data", num_users=80, num_items=60, num_interactions=4000, seed=5)
+    cfg = Config().override(
+        [
+            "train.epochs=1",
+            "data.max_history=5",
+            "model.id_buckets=11",
+            "model.proj_dim=32",
+            "model.expert_dim=32",
+            f"encoder.cache_dir={root / 'vectors'}",
+        ]
+    )
+    result = fit(cfg, data, work_dir=root / "work")
+    bundle = save_bundle(root / "bundle", cfg, result.meta, result.model, result.item_vectors, result.meta.item_ids)
+    return bundle, data

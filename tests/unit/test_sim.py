@@ -103,8 +103,8 @@ def test_bandit_beats_static_after_the_shift():
     """A short run (100 rounds, seconds). Before the shift the model's purchase estimate is the best
     guide; half way, what makes a clicker buy changes in ways the model never learnt (its purchase
     estimate goes stale), so the best weights move from purchase to click. The synthetic scenarios'
-    tasks are so correlated that weights matter by tenths of a percent there (bench/policy_bench.py
-    measures that case); this world makes the margin wide enough to test."""
+    tasks are so correlated that weights matter by a few percent at most there (bench/policy_bench.py
+    measures them); this world makes the margin wide enough to test in seconds."""
     pool = _two_task_pool(seed=0)
     shift = Shift(logit_drift={"purchase": 4.0})
     sim = Simulator(pool, {"purchase": 1.0}, k=3, requests_per_round=100_000, shift=shift, seed=0)

@@ -1,0 +1,198 @@
+"""The serving metrics, through ``ray.serve.metrics`` so they reach Ray's metrics export port.
+
+Every metric is declared once in :data:`METRICS` and created lazily, once per process, on first
+use (a module-level cache): importing this module outside a replica costs nothing. Inside a replica
+Ray Serve adds the ``application``, ``deployment`` and ``replica`` labels. On the export port a
+metric ``NAME`` appears as ``ray_NAME`` (a gauge), ``ray_NAME_total`` (a counter) or
+``ray_NAME_bucket`` / ``_sum`` / ``_count`` (a histogram), 5-10 s after a change;
+:func:`exported_name` gives the series name the controller's sources read.
+
+Feedback counters are what the weight controller reads (:mod:`serve.sources`): impressions per
+weight arm and events per task and arm. A binary event counts 1; a regression task adds its value
+(a dwell time, a rating), so the controller's "rate" of such a task is its mean value per
+impression. Counters only go up: a value that is not a positive finite number is not recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger("serve.metrics")
+
+STAGES = ("ingress", "embed", "heads", "fuse", "total")  # values of the latency histogram's stage label
+LATENCY_BUCKETS_MS = (1, 2, 5, 10, 20, 35, 50, 75, 100, 150, 200, 300, 500, 750, 1000, 2000, 5000, 10000)
+# Probabilities of binary tasks. Ray requires positive boundaries, so the first bucket is (-inf, 0.001];
+# a regression task's predictions above 1 land in the +Inf bucket (its _sum / _count still give the mean).
+PREDICTION_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+# The ``sum`` fusion of scaled predictions averages about 1 over a candidate pool (see
+# mtrec.fusion.score); the ``product`` fusion's log-scores are mostly negative and fall in the first bucket.
+FUSED_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0)
+MAX_OBSERVED = 16  # values observed per call: a random sample bounds the cost (about 10 us per observation)
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One metric: ``kind`` is counter, gauge or histogram; ``tags`` its own label names."""
+
+    name: str
+    kind: str
+    description: str
+    tags: tuple[str, ...] = ()
+    boundaries: tuple[float, ...] = ()
+
+
+METRICS: dict[str, MetricSpec] = {
+    s.name: s
+    for s in (
+        MetricSpec("mtrec_impressions", "counter", "Items shown, per weight arm.", ("arm",)),
+        MetricSpec(
+            "mtrec_feedback_events",
+            "counter",
+            "Feedback events per task and weight arm (1 per binary event; the value for a regression task).",
+            ("task", "arm"),
+        ),
+        MetricSpec("mtrec_requests", "counter", "HTTP requests per route and status code.", ("route", "status")),
+        MetricSpec("mtrec_latency_ms", "histogram", "Latency per serving stage, ms.", ("stage",), LATENCY_BUCKETS_MS),
+        MetricSpec(
+            "mtrec_prediction", "histogram", "Per-task predictions of served candidates.", ("task",), PREDICTION_BUCKETS
+        ),
+        MetricSpec("mtrec_fused_score", "histogram", "Fused scores of served candidates.", (), FUSED_BUCKETS),
+        MetricSpec("mtrec_fusion_weight", "gauge", "Fusion weight in force per arm and task.", ("arm", "task")),
+        MetricSpec("mtrec_arm_traffic", "gauge", "Share of the traffic each weight arm serves.", ("arm",)),
+        MetricSpec("mtrec_controller_staleness_s", "gauge", "Seconds since the controller last read good metrics.", ()),
+        MetricSpec("mtrec_controller_updates", "counter", "Controller iterations per resulting action.", ("action",)),
+    )
+}
+
+_CACHE: dict[str, Any] = {}  # metric name -> ray.serve.metrics object of this process
+
+
+def exported_name(name: str, series: str = "") -> str:
+    """The series name Ray exports for metric ``name``: ``ray_`` prefix, ``_total`` for counters,
+    ``series`` (``bucket``, ``sum`` or ``count``) for histograms."""
+    spec = METRICS[name]
+    if spec.kind == "counter":
+        return f"ray_{name}_total"
+    if spec.kind == "histogram":
+        if series not in ("bucket", "sum", "count"):
+            raise ValueError(f"histogram {name!r}: series must be bucket, sum or count, not {series!r}")
+        return f"ray_{name}_{series}"
+    return f"ray_{name}"
+
+
+def tags(name: str, **values: Any) -> dict[str, str]:
+    """The label values of one record of ``name``, as strings; ValueError naming a missing or unknown label."""
+    spec = METRICS[name]
+    if set(values) != set(spec.tags):
+        raise ValueError(f"metric {name!r} takes labels {list(spec.tags)}, got {sorted(values)}")
+    return {k: str(values[k]) for k in spec.tags}
+
+
+def sample(values: Any, limit: int = MAX_OBSERVED, rng: np.random.Generator | None = None) -> np.ndarray:
+    """``(min(N, limit),) float64``: the finite values of ``values`` (any shape), a uniform random
+    sample of ``limit`` of them when there are more (so the histogram stays an unbiased picture)."""
+    flat = np.asarray(values, np.float64).ravel()
+    flat = flat[np.isfinite(flat)]
+    if len(flat) > limit:
+        flat = (rng or np.random.default_rng()).choice(flat, size=limit, replace=False)
+    return flat
+
+
+def _metric(name: str) -> Any:
+    """The process's ``ray.serve.metrics`` object for ``name``, created on first use."""
+    metric = _CACHE.get(name)
+    if metric is None:
+        import ray.serve.metrics
+
+        spec = METRICS[name]
+        kwargs: dict[str, Any] = {"description": spec.description, "tag_keys": spec.tags}
+        if spec.kind == "counter":
+            metric = ray.serve.metrics.Counter(name, **kwargs)
+        elif spec.kind == "gauge":
+            metric = ray.serve.metrics.Gauge(name, **kwargs)
+        else:
+            metric = ray.serve.metrics.Histogram(name, boundaries=list(spec.boundaries), **kwargs)
+        _CACHE[name] = metric
+    return metric
+
+
+def _positive(x: float) -> bool:
+    return isinstance(x, (int, float, np.number)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+# ---------------------------------------------------------------------------------- Ingress
+
+
+def record_impressions(arm: str, n: int) -> None:
+    """``n`` items shown by weight arm ``arm``."""
+    if _positive(n):
+        _metric("mtrec_impressions").inc(float(n), tags("mtrec_impressions", arm=arm))
+
+
+def record_feedback(task: str, arm: str, value: float) -> None:
+    """One feedback event of ``task`` on an item served by ``arm``: 1 for a binary event, the value
+    for a regression task. Zero (a binary non-event), negative and non-finite values are not counted."""
+    if _positive(value):
+        _metric("mtrec_feedback_events").inc(float(value), tags("mtrec_feedback_events", task=task, arm=arm))
+
+
+def record_requests(route: str, status: int) -> None:
+    """One HTTP request on ``route`` answered with ``status``."""
+    _metric("mtrec_requests").inc(1.0, tags("mtrec_requests", route=route, status=status))
+
+
+def observe_latency(stage: str, ms: float) -> None:
+    """The latency of one serving ``stage`` (one of :data:`STAGES`), in ms."""
+    if stage not in STAGES:
+        raise ValueError(f"latency stage {stage!r} is not one of {', '.join(STAGES)}")
+    if math.isfinite(ms):
+        _metric("mtrec_latency_ms").observe(float(ms), tags("mtrec_latency_ms", stage=stage))
+
+
+def observe_predictions(task: str, values: np.ndarray) -> None:
+    """The predictions ``(N,)`` of ``task`` for the candidates of one request (at most
+    :data:`MAX_OBSERVED`, sampled; non-finite values skipped)."""
+    metric, t = _metric("mtrec_prediction"), tags("mtrec_prediction", task=task)
+    for v in sample(values):
+        metric.observe(float(v), t)
+
+
+def observe_fused(values: np.ndarray) -> None:
+    """The fused scores ``(N,)`` of one request's candidates (sampled as in :func:`observe_predictions`)."""
+    metric = _metric("mtrec_fused_score")
+    for v in sample(values):
+        metric.observe(float(v))
+
+
+# ---------------------------------------------------------------------------------- WeightController
+
+
+def set_weights(weights: Mapping[str, Mapping[str, float]], traffic: Mapping[str, float], gone: Iterable[str]) -> None:
+    """The weights (arm -> task -> w) and traffic shares (arm -> share) in force; arms in ``gone``
+    (retired since the last call) get weight and share 0, so a dashboard does not show them frozen."""
+    weight, share = _metric("mtrec_fusion_weight"), _metric("mtrec_arm_traffic")
+    for arm, ws in weights.items():
+        for task, w in ws.items():
+            weight.set(float(w), tags("mtrec_fusion_weight", arm=arm, task=task))
+        share.set(float(traffic.get(arm, 0.0)), tags("mtrec_arm_traffic", arm=arm))
+    tasks = {t for ws in weights.values() for t in ws}
+    for arm in gone:
+        for task in tasks:
+            weight.set(0.0, tags("mtrec_fusion_weight", arm=arm, task=task))
+        share.set(0.0, tags("mtrec_arm_traffic", arm=arm))
+
+
+def set_staleness(seconds: float) -> None:
+    """Seconds since the controller last read good metrics."""
+    _metric("mtrec_controller_staleness_s").set(float(seconds))
+
+
+def record_update(action: str) -> None:
+    """One controller iteration that ended in ``action`` (hold, wait, keep, update, promote, explore)."""
+    _metric("mtrec_controller_updates").inc(1.0, tags("mtrec_controller_updates", action=action))

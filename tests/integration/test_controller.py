@@ -1,0 +1,202 @@
+"""The WeightController on a real Ray Serve, reading a real Prometheus that scrapes Ray's metrics port.
+
+Feedback is recorded through serve.metrics by a small deployment in the same application (what the
+Ingress does per request), so it travels the real path: replica -> Ray's metrics export port ->
+Prometheus scrape -> PromQL -> controller -> policy. One test walks the whole story, because each
+phase needs the state the previous one left (a Serve deploy and Ray's metric export cost seconds):
+
+1. feedback says buy is under its target and click over it: the buy weight rises, click falls;
+2. Prometheus stopped: the controller holds the weights, its staleness (decision and gauge) rises,
+   and the requests that read the weights keep succeeding;
+3. the controller replica killed (still without Prometheus): Serve restarts it, and it resumes with
+   the persisted version and weights;
+4. Prometheus back: the controller reads again and moves the weights on.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+
+import pytest
+
+pytestmark = pytest.mark.timeout(300)
+
+APP = "mtrec-controller-test"
+TASKS = ["click", "buy"]
+PERIOD_S = 1.5
+TARGETS = {"click": 0.1, "buy": 0.1}  # fed rates: click 0.3 (over: its weight falls), buy 0.02 (under: rises)
+
+
+def _wait(predicate, timeout_s: float, what: str, poll_s: float = 0.5):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def _gauge(metrics_url: str, name: str) -> float | None:
+    """The value of gauge ``name`` of our application on Ray's metrics endpoint (None: not exported yet)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and s.labels.get("application") == APP:
+                return s.value
+    return None
+
+
+@pytest.fixture(scope="module")
+def controller_app(ray_cluster, prometheus_server, tmp_path_factory):
+    """The controller (target policy, 1.5 s period, Prometheus source) and a deployment that records
+    feedback and reads the weights, as the Ingress does."""
+    import ray.serve
+
+    from cluster.prometheus import free_port
+    from serve.controller import WeightController
+
+    @ray.serve.deployment
+    class FeedbackEmitter:
+        def __init__(self, controller) -> None:
+            self._controller = controller
+
+        async def emit(self, impressions: int, events: dict[str, int], arm: str | None = None) -> dict:
+            from serve import metrics
+
+            decision = await self._controller.decision.remote()
+            arm = arm or decision["main"]
+            metrics.record_impressions(arm, impressions)
+            for task, n in events.items():
+                metrics.record_feedback(task, arm, n)
+            return decision
+
+    ray.serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    state = tmp_path_factory.mktemp("controller") / "state.json"
+    controller = WeightController.bind(
+        TASKS,
+        {"click": 1.0, "buy": 1.0},
+        policy="target",
+        policy_params={"targets": TARGETS, "gain": 1.0},
+        limits={"min_events": 20, "max_step": 0.05, "smoothing": 0.5},
+        source={"kind": "prometheus", "url": prometheus_server.url, "timeout_s": 2.0},
+        state_path=str(state),
+        period_s=PERIOD_S,
+        window_s=30.0,
+    )
+    handle = ray.serve.run(FeedbackEmitter.bind(controller), name=APP, route_prefix=None)
+    controller_handle = ray.serve.get_deployment_handle("WeightController", app_name=APP)
+    yield handle, controller_handle, state
+    ray.serve.delete(APP)
+
+
+def test_weights_follow_feedback_hold_without_prometheus_and_survive_a_restart(
+    ray_cluster, prometheus_server, controller_app
+):
+    from cluster.prometheus import ray_metrics_targets, start_prometheus, stop_prometheus
+
+    emitter, controller, state = controller_app
+    metrics_url = f"http://{ray_metrics_targets()[0]}/metrics"
+    start = controller.decision.remote().result()
+    assert start["weights"]["main"] == {"click": 0.5, "buy": 0.5} and start["policy"] == "target"
+
+    # 1. feedback moves the weights in the direction it implies
+    def moved():
+        emitter.emit.remote(1000, {"click": 300, "buy": 20}).result()
+        d = controller.decision.remote().result()
+        return d if d["weights"]["main"]["buy"] > 0.599 else None
+
+    moved_d = _wait(moved, 90, "the buy weight to rise from 0.5 to 0.6")
+    assert moved_d["weights"]["main"]["click"] < 0.401 and moved_d["version"] >= 2
+    assert "vs targets" in moved_d["reason"]
+    history = controller.history.remote(100).result()
+    assert any(h["action"] == "update" for h in history)
+
+    # 2. Prometheus stopped: the weights hold, staleness rises, requests still succeed
+    assert stop_prometheus(prometheus_server.data_dir)
+    held = _wait(
+        lambda: (d := controller.decision.remote().result())["action"] == "hold" and d,
+        20,
+        "the controller to hold",
+    )
+    time.sleep(3 * PERIOD_S)
+    for _ in range(3):
+        served = emitter.emit.remote(1000, {"click": 300, "buy": 20}).result()  # keeps answering
+        assert served["weights"] == held["weights"]
+    later = controller.decision.remote().result()
+    assert later["action"] == "hold" and later["weights"] == held["weights"] and later["version"] == held["version"]
+    assert "ConnectionRefusedError" in later["reason"]
+    assert later["staleness_s"] > held["staleness_s"] + 2 * PERIOD_S
+    gauge = _wait(
+        lambda: (g := _gauge(metrics_url, "ray_mtrec_controller_staleness_s")) is not None and g > 3 * PERIOD_S and g,
+        30,
+        "the staleness gauge to rise on Ray's metrics endpoint",
+    )
+    assert gauge > 3 * PERIOD_S
+
+    # 3. kill the controller replica: Serve restarts it from the persisted state
+    before = controller.decision.remote().result()
+    replicas = [
+        a["name"]
+        for a in ray_cluster.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith(f"SERVE_REPLICA::{APP}#WeightController#")
+    ]
+    assert len(replicas) == 1
+    ray_cluster.kill(ray_cluster.get_actor(replicas[0], namespace="serve"), no_restart=True)
+
+    def restarted():
+        names = [a["name"] for a in ray_cluster.util.list_named_actors(all_namespaces=True)]
+        if replicas[0] in names or not any(n.startswith(f"SERVE_REPLICA::{APP}#WeightController#") for n in names):
+            return None
+        try:
+            return controller.decision.remote().result(timeout_s=5)
+        except Exception:  # the new replica is still starting
+            return None
+
+    after = _wait(restarted, 60, "a new WeightController replica", poll_s=1.0)
+    assert json.loads(state.read_text())["version"] == before["version"]
+    assert after["version"] == before["version"] and after["weights"] == before["weights"]
+    assert after["staleness_s"] >= before["staleness_s"]  # the last good read is part of the state
+
+    # 4. Prometheus back on the same port: the controller reads again and moves on
+    start_prometheus(prometheus_server.config, prometheus_server.port, prometheus_server.data_dir)
+
+    def resumed():
+        emitter.emit.remote(1000, {"click": 300, "buy": 20}).result()
+        d = controller.decision.remote().result()
+        return d if d["version"] > after["version"] else None
+
+    again = _wait(resumed, 90, "the restarted controller to update from Prometheus again")
+    assert again["weights"]["main"]["buy"] > after["weights"]["main"]["buy"]
+    assert again["staleness_s"] < later["staleness_s"]
+
+
+def test_scrape_source_counts_exactly_what_replicas_recorded(ray_cluster, controller_app):
+    """The embedded default's source on Ray's real exposition text: the differenced counters add up
+    to exactly the impressions and events recorded, however Ray's export splits them over reads."""
+    from cluster.prometheus import ray_metrics_targets
+    from serve.sources import ScrapeSource
+
+    emitter, _, _ = controller_app
+    source = ScrapeSource(f"http://{ray_metrics_targets()[0]}/metrics", app=APP)
+    assert source.read() is None, source.problem  # baseline
+    arm = "scrape-test"  # an arm of its own: nothing recorded before the baseline can arrive late
+    for response in [emitter.emit.remote(500, {"click": 40, "buy": 3}, arm) for _ in range(4)]:
+        response.result()
+    totals = {"impressions": 0.0, "click": 0.0, "buy": 0.0}
+
+    def counted():
+        obs = source.read()
+        assert obs is not None and not obs.stale, source.problem
+        if arm in obs.arms:
+            totals["impressions"] += obs.arms[arm].impressions
+            for task in ("click", "buy"):
+                totals[task] += obs.arms[arm].events.get(task, 0.0)
+        return totals["impressions"] >= 2000 and totals["click"] >= 160 and totals["buy"] >= 12
+
+    _wait(counted, 60, "Ray to export the recorded counters", poll_s=2.0)
+    assert totals == {"impressions": 2000.0, "click": 160.0, "buy": 12.0}

@@ -1,0 +1,170 @@
+"""The controller's logic (serve.controller.ControlLoop) without Ray: fake source, fake clock, fake metrics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mtrec.errors import ConfigError
+from mtrec.fusion import ArmCounts, Observation
+from serve.controller import ControlLoop
+
+TASKS = ["click", "buy"]
+WEIGHTS = {"click": 1.0, "buy": 1.0}
+LIMITS = {"min_events": 10, "max_step": 0.1, "smoothing": 0.5}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class FakeSource:
+    """Yields queued readings; an exhausted queue reads as a stale observation (an outage)."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.queue: list[Observation | None] = []
+        self.problem: str | None = None
+
+    def window(self, impressions: float, events: dict[str, float], arms: list[str] | None = None) -> None:
+        counts = ArmCounts(impressions, events)
+        self.queue.append(Observation(0.0, {a: counts for a in arms or ["main"]}))
+
+    def read(self) -> Observation | None:
+        self.clock.t += 10
+        if not self.queue:
+            self.problem = "prometheus http://x: ConnectionRefusedError"
+            return Observation(self.clock.t, {}, stale=True)
+        self.problem = None
+        obs = self.queue.pop(0)
+        return None if obs is None else Observation(self.clock.t, obs.arms)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.weights: list[tuple[dict, dict, set]] = []
+        self.staleness: list[float] = []
+        self.updates: list[str] = []
+
+    def set_weights(self, weights, traffic, gone) -> None:
+        self.weights.append((weights, traffic, set(gone)))
+
+    def set_staleness(self, s: float) -> None:
+        self.staleness.append(s)
+
+    def record_update(self, action: str) -> None:
+        self.updates.append(action)
+
+
+def loop(tmp_path, policy="proportional", params=None, source=True, clock=None, publish=None, limits=LIMITS):
+    clock = clock or Clock()
+    src = FakeSource(clock) if source else None
+    control = ControlLoop(
+        TASKS, WEIGHTS, policy, params, limits, src, tmp_path / "state.json", clock, publish or Recorder()
+    )
+    return control, src, clock
+
+
+def test_feedback_moves_weights_toward_the_busier_task_and_persists(tmp_path):
+    publish = Recorder()
+    control, src, _ = loop(tmp_path, publish=publish)
+    src.queue.append(None)  # baseline read
+    for _ in range(3):
+        src.window(1000, {"click": 300, "buy": 30})
+    start = control.decision()
+    assert start["version"] == 0 and start["weights"]["main"] == {"click": 0.5, "buy": 0.5}
+    steps = [control.step() for _ in range(4)]
+    assert [s["action"] for s in steps] == ["baseline", "update", "update", "update"]
+    w = steps[-1]["weights"]["main"]
+    assert w["click"] == pytest.approx(0.8) and w["buy"] == pytest.approx(0.2)  # 3 steps of 0.1 toward 10:1
+    assert steps[-1]["version"] == 3 and steps[-1]["policy"] == "proportional"
+    assert "proportional to live rates" in steps[-1]["reason"]
+    assert publish.weights[-1][0]["main"] == w and publish.updates == ["baseline", "update", "update", "update"]
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["version"] == 3 and state["policy_state"]["decision"]["weights"]["main"] == w
+    history = control.history(2)
+    assert [h["version"] for h in history] == [2, 3] and history[-1]["weights"]["main"] == w
+    assert control.history(0) == []
+
+
+def test_outage_holds_weights_and_staleness_rises(tmp_path):
+    publish = Recorder()
+    control, src, clock = loop(tmp_path, publish=publish)
+    src.queue.append(None)
+    src.window(1000, {"click": 300, "buy": 30})
+    control.step()
+    good = control.step()
+    held = [control.step() for _ in range(3)]  # the queue is empty: the source is down
+    assert all(h["action"] == "hold" and h["weights"] == good["weights"] for h in held)
+    assert all(h["version"] == good["version"] for h in held)
+    assert "ConnectionRefusedError" in held[-1]["reason"]
+    assert [round(h["staleness_s"]) for h in held] == [10, 20, 30]
+    assert publish.staleness[-3:] == [10, 20, 30]
+    src.window(1000, {"click": 300, "buy": 30})
+    back = control.step()
+    assert back["action"] == "update" and back["staleness_s"] == 0
+
+
+def test_restart_resumes_from_the_state_file(tmp_path):
+    params = {"values": {"buy": 1.0}, "arms": 2, "seed": 3}
+    limits = {"min_events": 5, "max_step": 0.1, "smoothing": 0.5}
+    a, src_a, clock = loop(tmp_path / "a", "bandit", params, limits=limits)
+    b, src_b, _ = loop(tmp_path / "b", "bandit", params, limits=limits)
+    arms = list(a.decision()["traffic"])
+    for control, src in ((a, src_a), (b, src_b)):
+        src.queue.append(None)
+        for _ in range(6):
+            src.window(1000, {"click": 200, "buy": 20}, arms)
+        for _ in range(4):
+            control.step()
+    resumed, src_r, _ = loop(tmp_path / "b", "bandit", params, clock=clock, limits=limits)
+    assert resumed.decision() | {"staleness_s": 0} == b.decision() | {"staleness_s": 0}
+    src_r.queue = src_b.queue
+    for _ in range(2):  # the resumed controller continues exactly as the one that never stopped
+        assert resumed.step()["weights"] == a.step()["weights"]
+    assert resumed.decision()["version"] == a.decision()["version"]
+
+
+@pytest.mark.parametrize("content", ["{not json", json.dumps({"format": 1, "config": {}})])
+def test_bad_or_foreign_state_is_moved_aside_and_a_fresh_policy_starts(tmp_path, content):
+    (tmp_path / "state.json").write_text(content)
+    control, _, _ = loop(tmp_path)
+    assert control.decision()["version"] == 0 and control.decision()["weights"]["main"]["click"] == 0.5
+    assert len(list(tmp_path.glob("state.json.rejected-*"))) == 1 and not (tmp_path / "state.json").exists()
+
+
+def test_state_of_another_configuration_is_not_resumed(tmp_path):
+    control, src, _ = loop(tmp_path)
+    src.queue.append(None)
+    src.window(1000, {"click": 300, "buy": 30})
+    control.step(), control.step()
+    other, _, _ = loop(tmp_path, limits=LIMITS | {"max_step": 0.2})
+    assert other.decision()["version"] == 0
+    assert list(tmp_path.glob("state.json.rejected-*"))
+
+
+def test_no_source_holds_and_bad_configuration_is_a_config_error(tmp_path):
+    control, _, _ = loop(tmp_path, source=False)
+    assert control.step()["action"] == "hold" and control.decision()["version"] == 0
+    with pytest.raises(ConfigError, match="one weight per task"):
+        ControlLoop(["click", "buy"], {"click": 1.0}, publish=Recorder())
+    with pytest.raises(ConfigError, match="unknown limit"):
+        ControlLoop(TASKS, WEIGHTS, limits={"max_stp": 0.1}, publish=Recorder())
+    with pytest.raises(ConfigError, match="unknown policy"):
+        ControlLoop(TASKS, WEIGHTS, policy="greedy", publish=Recorder())
+
+
+def test_retired_bandit_arms_are_published_as_gone(tmp_path):
+    publish = Recorder()
+    control, src, _ = loop(tmp_path, "bandit", {"values": {"buy": 1.0}, "arms": 2, "max_age": 1}, publish=publish)
+    first = set(control.decision()["traffic"])
+    src.queue.append(None)
+    src.window(1000, {"click": 200, "buy": 20}, list(first))
+    control.step(), control.step()
+    gone = publish.weights[-1][2]
+    assert gone and gone <= first and not gone & set(control.decision()["weights"])

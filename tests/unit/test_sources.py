@@ -1,0 +1,249 @@
+"""Metric sources against a tiny local HTTP server: parsing, differencing, and every failure turned stale."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import threading
+import time
+
+import pytest
+
+from mtrec.errors import ConfigError
+from serve.sources import CounterDeltas, PrometheusSource, ScrapeSource, build_source, complete, observation
+
+IMP, EV = "ray_mtrec_impressions_total", "ray_mtrec_feedback_events_total"
+
+
+class FakeEndpoint:
+    """Answers every GET with the next canned (status, body, delay); the last one repeats."""
+
+    def __init__(self) -> None:
+        self.answers: list[tuple[int, bytes, float]] = []
+        self.paths: list[str] = []
+        endpoint = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                endpoint.paths.append(self.path)
+                status, body, delay = endpoint.answers.pop(0) if len(endpoint.answers) > 1 else endpoint.answers[0]
+                time.sleep(delay)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except OSError:  # the client gave up (timeout test)
+                    pass
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def answer(self, *answers: tuple[int, bytes | str, float]) -> None:
+        self.answers = [(s, b.encode() if isinstance(b, str) else b, d) for s, b, d in answers]
+
+
+@pytest.fixture
+def endpoint():
+    e = FakeEndpoint()
+    yield e
+    e.server.shutdown()
+    e.server.server_close()
+
+
+def prom(result: list[tuple[dict, str]]) -> str:
+    items = [{"metric": m, "value": [1700000000.0, v]} for m, v in result]
+    return json.dumps({"status": "success", "data": {"resultType": "vector", "result": items}})
+
+
+def exposition(imp: dict[str, float], ev: dict[tuple[str, str], float], replica: str = "r1") -> str:
+    lines = [f"# TYPE {IMP} counter"]
+    lines += [f'{IMP}{{application="app",arm="{a}",replica="{replica}"}} {n}' for a, n in imp.items()]
+    lines += [f"# TYPE {EV} counter"]
+    lines += [f'{EV}{{application="app",arm="{a}",task="{t}",replica="{replica}"}} {n}' for (a, t), n in ev.items()]
+    lines += ['ray_other_total{arm="main"} 99', ""]
+    return "\n".join(lines)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        self.t += 10
+        return self.t
+
+
+def test_counter_deltas_baseline_reset_and_new_series():
+    d = CounterDeltas()
+    a, b = (IMP, (("arm", "main"), ("replica", "1"))), (IMP, (("arm", "main"), ("replica", "2")))
+    assert d.update([]) == {} and not d.primed  # nothing scraped yet: not a baseline
+    assert d.update([(a, 100.0)]) == {} and d.primed  # baseline
+    assert d.update([(a, 130.0)]) == {a: 30.0}
+    assert d.update([(a, 5.0), (b, 7.0)]) == {a: 5.0, b: 7.0}  # a restarted (reset); b is new since the baseline
+    assert d.update([(b, 9.0)]) == {b: 2.0}  # a missing this time: remembered...
+    assert d.update([(a, 8.0), (b, 9.0)]) == {a: 3.0, b: 0.0}  # ...and differenced when it returns
+
+
+def test_observation_sums_series_by_arm_and_task_and_complete_fills_zeros():
+    deltas = {
+        (IMP, (("arm", "a0"), ("replica", "1"))): 10.0,
+        (IMP, (("arm", "a0"), ("replica", "2"))): 5.0,
+        (EV, (("arm", "a0"), ("replica", "1"), ("task", "click"))): 3.0,
+        (EV, (("arm", "a0"), ("replica", "2"), ("task", "click"))): 1.0,
+        (EV, (("replica", "2"), ("task", "click"))): 50.0,  # no arm label: not ours to count
+    }
+    obs = complete(observation(deltas, 5.0), ["a0", "a1"], ["click", "buy"])
+    assert obs.arms["a0"].impressions == 15 and obs.arms["a0"].events == {"click": 4.0, "buy": 0.0}
+    assert obs.arms["a1"].impressions == 0 and obs.arms["a1"].events == {"click": 0.0, "buy": 0.0}
+
+
+def test_prometheus_source_differences_cumulative_counters(endpoint):
+    first = [({"__name__": IMP, "arm": "main", "replica": "r1"}, "100")]
+    first += [({"__name__": EV, "arm": "main", "task": "click", "replica": "r1"}, "10")]
+    second = [({"__name__": IMP, "arm": "main", "replica": "r1"}, "160")]
+    second += [({"__name__": EV, "arm": "main", "task": "click", "replica": "r1"}, "16")]
+    endpoint.answer(
+        (200, prom(first[:1]), 0), (200, prom(first[1:]), 0), (200, prom(second[:1]), 0), (200, prom(second[1:]), 0)
+    )
+    src = PrometheusSource(endpoint.url, app="my-app", window_s=30, clock=Clock())
+    assert src.read() is None and src.problem is None  # baseline
+    obs = src.read()
+    assert not obs.stale and obs.arms["main"].impressions == 60 and obs.arms["main"].events == {"click": 6.0}
+    assert "last_over_time(ray_mtrec_impressions_total" in src.queries()[0]
+    assert 'application="my-app"' in src.queries()[1] and "[30s]" in src.queries()[1]
+    assert endpoint.paths[0].startswith("/api/v1/query?query=last_over_time")
+
+
+@pytest.mark.parametrize(
+    "answer, why",
+    [
+        ((500, "internal error", 0.0), "HTTP 500"),
+        ((200, "<html>not json</html>", 0.0), "not JSON"),
+        ((200, json.dumps({"status": "error", "error": "parse error"}), 0.0), "parse error"),
+        ((200, json.dumps({"status": "success", "data": {"resultType": "matrix", "result": []}}), 0.0), "vector"),
+        ((200, prom([({"arm": "main"}, "NaN")]), 0.0), "not a finite count"),
+        ((200, prom([({"arm": "main"}, "-3")]), 0.0), "not a finite count"),
+        ((200, prom([({"arm": "main"}, "abc")]), 0.0), "not a number"),
+        (
+            (200, json.dumps({"status": "success", "data": {"resultType": "vector", "result": [{"x": 1}]}}), 0),
+            "malformed",
+        ),
+        ((200, prom([]), 1.5), "timed out"),
+    ],
+)
+def test_prometheus_source_failures_give_stale_observations(endpoint, answer, why):
+    endpoint.answer(answer)
+    src = PrometheusSource(endpoint.url, timeout_s=0.5, clock=Clock())
+    obs = src.read()
+    assert obs is not None and obs.stale and obs.arms == {}
+    assert why in src.problem and endpoint.url in src.problem
+
+
+def test_prometheus_source_unreachable_and_series_vanishing(endpoint):
+    good = prom([({"__name__": IMP, "arm": "main"}, "5")])
+    endpoint.answer((200, good, 0), (200, good, 0), (200, good, 0), (200, good, 0), (200, prom([]), 0))
+    src = PrometheusSource(endpoint.url, clock=Clock())
+    assert src.read() is None
+    assert not src.read().stale
+    obs = src.read()  # Prometheus answers, but our series are gone: a target that stopped being scraped
+    assert obs.stale and "no mtrec counter series" in src.problem
+    endpoint.server.shutdown()
+    endpoint.server.server_close()
+    obs = src.read()
+    assert obs.stale and "ConnectionRefusedError" in src.problem
+
+
+def test_scrape_source_parses_exposition_text_and_handles_resets(endpoint):
+    endpoint.answer(
+        (200, exposition({"main": 100}, {("main", "click"): 10}), 0),
+        (200, exposition({"main": 150}, {("main", "click"): 14, ("main", "buy"): 2}), 0),
+        (200, exposition({"main": 20}, {("main", "click"): 3}, replica="r2"), 0),  # the replica restarted
+    )
+    src = ScrapeSource(endpoint.url + "/metrics", app="app", clock=Clock())
+    assert src.read() is None
+    obs = src.read()
+    assert obs.arms["main"].impressions == 50 and obs.arms["main"].events == {"click": 4.0, "buy": 2.0}
+    obs = src.read()
+    assert obs.arms["main"].impressions == 20 and obs.arms["main"].events == {"click": 3.0}
+
+
+def test_scrape_source_filters_application_and_rejects_garbage(endpoint):
+    endpoint.answer((200, exposition({"main": 1}, {}).replace('application="app"', 'application="other"'), 0))
+    src = ScrapeSource(endpoint.url, app="app", clock=Clock())
+    assert src.read() is None and src.read() is None and "no mtrec counter series yet" in src.problem
+    endpoint.answer((200, b"\xff\xfe garbage {{{", 0))
+    obs = src.read()
+    assert obs.stale and "exposition" in src.problem
+    endpoint.answer((200, f'{IMP}{{arm="main"}} NaN\n', 0))
+    assert ScrapeSource(endpoint.url).read().stale
+
+
+def test_build_source_validates():
+    assert build_source(None, "app", 60) is None
+    src = build_source({"kind": "prometheus", "url": "http://127.0.0.1:9"}, "app", 20)
+    assert isinstance(src, PrometheusSource) and 'application="app"' in src.queries()[0]
+    assert isinstance(build_source({"kind": "scrape", "url": "http://127.0.0.1:9/metrics"}, None, 60), ScrapeSource)
+    with pytest.raises(ConfigError, match="kind 'kafka'"):
+        build_source({"kind": "kafka", "url": "http://x"}, None, 60)
+    with pytest.raises(ConfigError, match="url"):
+        build_source({"kind": "scrape", "url": "127.0.0.1:9"}, None, 60)
+    with pytest.raises(ConfigError, match="unknown key"):
+        build_source({"kind": "scrape", "url": "http://x", "period": 3}, None, 60)
+
+
+def test_write_config_and_missing_binary(tmp_path):
+    from cluster.prometheus import start_prometheus, stop_prometheus, write_config
+
+    path = write_config(tmp_path / "p.yml", targets=["127.0.0.1:1"], sd_file=tmp_path / "sd.json", scrape_interval_s=1)
+    job = json.loads(path.read_text())["scrape_configs"][0]
+    assert job["scrape_interval"] == "1000ms" and job["static_configs"] == [{"targets": ["127.0.0.1:1"]}]
+    assert job["file_sd_configs"][0]["files"] == [str(tmp_path / "sd.json")]
+    with pytest.raises(ConfigError, match="targets"):
+        write_config(tmp_path / "q.yml")
+    with pytest.raises(Exception, match="binary '/nonexistent/prometheus' not found"):
+        start_prometheus(path, binary="/nonexistent/prometheus")
+    assert stop_prometheus(os.getpid()) is False  # not a Prometheus: left alone
+
+
+def test_prometheus_source_against_a_real_prometheus(endpoint, tmp_path):
+    """PromQL and label filtering end to end: a real Prometheus scraping canned exposition text."""
+    from cluster.prometheus import DEFAULT_BINARY, start_prometheus, write_config
+
+    if not os.path.exists(DEFAULT_BINARY):
+        pytest.skip(f"{DEFAULT_BINARY} not installed")
+    endpoint.answer((200, exposition({"main": 100}, {("main", "click"): 10}), 0))
+    host = endpoint.url.removeprefix("http://")
+    server = start_prometheus(write_config(tmp_path / "p.yml", targets=[host], scrape_interval_s=0.5), timeout_s=30)
+    try:
+        src = PrometheusSource(server.url, app="app", window_s=10)
+        _until(lambda: src.read() is None and src.problem is None, "the baseline")  # set by the first scrape
+        endpoint.answer((200, exposition({"main": 160}, {("main", "click"): 16}), 0))
+        seen = {"impressions": 0.0, "click": 0.0}
+
+        def counted() -> bool:
+            obs = src.read()
+            assert not obs.stale, src.problem
+            if "main" in obs.arms:
+                seen["impressions"] += obs.arms["main"].impressions
+                seen["click"] += obs.arms["main"].events["click"]
+            return seen["impressions"] >= 60
+
+        _until(counted, "the new counts")
+        assert seen == {"impressions": 60.0, "click": 6.0}  # neither ray_other_total nor the baseline counted
+    finally:
+        server.stop()
+
+
+def _until(predicate, what: str, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")

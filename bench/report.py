@@ -86,11 +86,15 @@ def _training(doc: dict) -> Iterator[Row]:
 
 
 def _policies(doc: dict) -> Iterator[Row]:
-    for name in doc["table"]:
-        yield f"{name}: reward / oracle before the shift (median)", ("table", name, "before_median")
-        yield f"{name}: reward / oracle after the shift (median)", ("table", name, "after_median")
-    for key in doc.get("bar", {}):
-        yield key.replace("_", " "), ("bar", key)
+    shifts = [((), doc["setting"].get("shift_name", "headline"))]
+    shifts += [(("other_shifts", name), name) for name in doc.get("other_shifts", {})]
+    for prefix, shift in shifts:
+        part = lookup(doc, prefix)
+        for name in part["table"]:
+            yield f"{shift} shift, {name}: before (median)", (*prefix, "table", name, "before_median")
+            yield f"{shift} shift, {name}: after (median)", (*prefix, "table", name, "after_median")
+        for key in part.get("bar", {}):
+            yield f"{shift} shift: {key.replace('_', ' ')}", (*prefix, "bar", key)
 
 
 def _headline(doc: dict) -> Iterator[Row]:

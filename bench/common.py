@@ -12,6 +12,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from mtrec.data.contract import atomic_write_text
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -49,11 +51,7 @@ def save_results(name: str, results: dict[str, Any]) -> Path:
         "machine": machine(),
     }
     payload.update(results)
-    path = RESULTS / f"{name}.json"
-    tmp = path.with_suffix(f".json.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, default=float))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(RESULTS / f"{name}.json", json.dumps(payload, indent=2, default=float))
 
 
 def median_time(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1) -> tuple[float, list[float]]:

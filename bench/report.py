@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import RESULTS
+from mtrec.data.contract import atomic_write_text
 
 OUT = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 
@@ -144,10 +145,7 @@ def render(results: Path = RESULTS) -> str:
 
 
 def write(out: Path = OUT) -> Path:
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text(render())
-    tmp.replace(out)
-    return out
+    return atomic_write_text(out, render())
 
 
 if __name__ == "__main__":

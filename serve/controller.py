@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 import ray.serve
 
+from mtrec.data.contract import atomic_write_text
 from mtrec.errors import ConfigError
 from mtrec.fusion import Decision, Limits, Observation, Policy, build_policy, restore_policy
 from serve import metrics as serve_metrics
@@ -186,17 +187,10 @@ class ControlLoop:
             "policy_state": self._policy.to_state(),
         }
         path = self._state_path
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tmp.open("w") as f:
-                json.dump(doc, f, allow_nan=False)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)  # atomic: a reader sees the old state or the new one, never half
+            atomic_write_text(path, json.dumps(doc, allow_nan=False))  # a reader sees the old state or the new
         except (OSError, ValueError) as e:
             logger.error("WeightController: could not write state %s: %s", path, e)
-            tmp.unlink(missing_ok=True)
 
     def _restore(self) -> tuple[Policy, int, float, float] | None:
         """The policy and counters of the state file, or None (no file, or rejected: see the module docstring)."""

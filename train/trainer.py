@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from ray.train.torch import TorchTrainer
 
 from mtrec.bundle import save_bundle
 from mtrec.config import Config, save_config
-from mtrec.data.contract import read_tasks
+from mtrec.data.contract import atomic_write_text, read_tasks
 from mtrec.engine import batches, evaluate, text_inputs
 from mtrec.features import ExampleSet, collate, prepare_examples
 from mtrec.models import build_model
@@ -175,9 +174,9 @@ def finalize(prepared: Prepared, checkpoint: Any, out: str | Path, wall_s: float
     from train.curves import plot_curves
 
     plot_curves(history, cfg.tasks, out / "curves.png")
-    tmp = out / f".metrics.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(metrics, indent=2, default=float))
-    os.replace(tmp, out / "metrics.json")  # last: marks the run complete
+    atomic_write_text(
+        out / "metrics.json", json.dumps(metrics, indent=2, default=float)
+    )  # last: marks the run complete
     return metrics
 
 

@@ -179,3 +179,20 @@ def test_time_split_and_cold_items():
     assert max(t for t, s in zip(ts, split) if s == "train") < min(t for t, s in zip(ts, split) if s != "train")
     cold = out.column("cold_item").to_pylist()
     assert all(c == (item >= 7) for c, item in zip(cold, out.column("item_id").to_pylist()))
+
+
+def test_atomic_write_text_keeps_the_old_contents_when_the_write_fails(tmp_path, monkeypatch):
+    from mtrec.data.contract import atomic_write_text
+
+    target = tmp_path / "sub" / "state.json"
+    atomic_write_text(target, "old")
+    assert target.read_text() == "old"
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("mtrec.data.contract.os.replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_text(target, "new")
+    assert target.read_text() == "old"
+    assert [p.name for p in target.parent.iterdir()] == ["state.json"]  # no temporary file left behind

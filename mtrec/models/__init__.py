@@ -3,5 +3,6 @@
 from mtrec.models.architectures import ARCHITECTURES
 from mtrec.models.losses import task_losses
 from mtrec.models.multitask import MultiTaskModel, build_model
+from mtrec.models.towers import ExtraItems, TextVectors
 
-__all__ = ["ARCHITECTURES", "MultiTaskModel", "build_model", "task_losses"]
+__all__ = ["ARCHITECTURES", "ExtraItems", "MultiTaskModel", "TextVectors", "build_model", "task_losses"]

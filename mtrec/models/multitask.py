@@ -22,7 +22,7 @@ from mtrec.errors import ConfigError
 from mtrec.features import FeatureMeta
 from mtrec.models.architectures import ARCHITECTURES
 from mtrec.models.losses import parents_first
-from mtrec.models.towers import ItemTower, TextVectors, UserTower, mlp
+from mtrec.models.towers import ExtraItems, ItemTower, TextVectors, UserTower, mlp
 
 if TYPE_CHECKING:
     from mtrec.encoders import TextEncoder
@@ -80,16 +80,24 @@ class MultiTaskModel(nn.Module):
         self.register_buffer("label_std", torch.tensor([s[1] for s in stats], dtype=torch.float32))
         self.gates: dict[str, Tensor] = {}
 
-    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """A collated batch -> per task ``(B,)``: a probability (binary, after the ESMM chain) or a value."""
+    def forward(
+        self, batch: dict[str, Tensor], extra_items: ExtraItems | None = None, extra_contexts: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """A collated batch -> per task ``(B,)``: a probability (binary, after the ESMM chain) or a value.
+
+        Serving only: ``extra_items`` are items outside the catalog (item indexes ``num_items + 1 ..``),
+        ``extra_contexts`` (X, D) raw text vectors of contexts outside the bundle's table (context
+        indexes ``num_contexts + 1 ..``). Without them this is the training computation, unchanged.
+        """
         item = batch["item"]
         history = batch["history"] if self._use_history else item.new_zeros(len(item), 0)
-        vectors = self.item_tower(torch.cat([item.unsqueeze(1), history], dim=1), self.encoder)
+        vectors = self.item_tower(torch.cat([item.unsqueeze(1), history], dim=1), self.encoder, extra_items)
         target = vectors[:, 0]
         user = self.user_tower(batch["user"], batch["user_cat"], batch["user_num"], vectors[:, 1:], history > 0, target)
         features = [user, target, user * target]
         if self.context_text is not None:
-            features.append(self.context_proj(self.context_text(batch["context"], self.encoder)))
+            context = self.context_text(batch["context"], self.encoder, extra_contexts)
+            features.append(self.context_proj(context))
         features.append(batch["inter_num"])
         reps = self.arch(torch.cat(features, dim=-1))
         self.gates = self.arch.gates

@@ -9,6 +9,7 @@ user's id embedding and side features.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -51,6 +52,19 @@ def embedding(rows: int, dim: int, trained_rows: int | None = None) -> nn.Embedd
 def cat_dim(id_dim: int) -> int:
     """Embedding size of a categorical side feature."""
     return max(4, id_dim // 4)
+
+
+@dataclass
+class ExtraItems:
+    """Items met at serving that are not in the catalog (cold start), appended after its rows: item
+    index ``N + 1 + e`` is row ``e``. ``id_rows`` (E,) long: their id-embedding rows (hashed buckets for
+    unseen ids); ``cat`` (E, C) long and ``num`` (E, F) float: side features (0: unknown / the mean);
+    ``text`` (E, D) float: raw text vectors from the language model (None for an ID-only model)."""
+
+    id_rows: Tensor
+    cat: Tensor
+    num: Tensor
+    text: Tensor | None = None
 
 
 class TextVectors(nn.Module):
@@ -104,8 +118,21 @@ class TextVectors(nn.Module):
         rows = torch.arange(len(self.input_ids), device=self.input_ids.device)
         return torch.cat([self._encode(rows[i : i + batch_size], encoder) for i in range(0, len(rows), batch_size)])
 
-    def forward(self, idx: Tensor, encoder: TextEncoder | None = None) -> Tensor:
-        raw = self.vectors[idx] if not self.finetune else self._encode(idx, encoder)
+    @property
+    def rows(self) -> int:
+        """N + 1: the indexes this table holds (serving appends extra rows after them)."""
+        return len(self.input_ids if self.finetune else self.vectors)
+
+    def forward(self, idx: Tensor, encoder: TextEncoder | None = None, extra: Tensor | None = None) -> Tensor:
+        """``idx`` (...) -> ``(..., D)``. ``extra`` (E, D): raw vectors of texts outside the table (serving),
+        addressed as indexes ``rows .. rows + E - 1``."""
+        if extra is None:
+            raw = self.vectors[idx] if not self.finetune else self._encode(idx, encoder)
+        else:
+            inside = idx < self.rows
+            raw = extra.new_empty((*idx.shape, extra.shape[1]))
+            raw[inside] = self.vectors[idx[inside]] if not self.finetune else self._encode(idx[inside], encoder)
+            raw[~inside] = extra[idx[~inside] - self.rows]
         return (raw - self.mean) / self.std * (idx > 0).unsqueeze(-1)
 
     def _encode(self, idx: Tensor, encoder: TextEncoder | None) -> Tensor:
@@ -157,16 +184,30 @@ class ItemTower(nn.Module):
             raise ConfigError("the item tower has no input: enable model.use_item_ids, a text encoder or side features")
         self.out = nn.Linear(width, cfg.proj_dim)
 
-    def forward(self, idx: Tensor, encoder: TextEncoder | None = None) -> Tensor:
+    def forward(self, idx: Tensor, encoder: TextEncoder | None = None, extra: ExtraItems | None = None) -> Tensor:
+        """``extra``: items outside the catalog (serving), addressed as indexes ``N + 1 .. N + E``."""
         # the target and history items of a batch repeat a lot: compute each item once
         uniq, inverse = torch.unique(idx, return_inverse=True)
-        parts = [] if self.id_emb is None else [self.id_emb(self.id_rows[uniq])]
-        cat = self.cat[uniq]
+        id_rows, cat, num = (
+            (self.id_rows[uniq], self.cat[uniq], self.num[uniq]) if extra is None else self._with_extra(uniq, extra)
+        )
+        parts = [] if self.id_emb is None else [self.id_emb(id_rows)]
         parts += [emb(cat[:, j]) for j, emb in enumerate(self.cat_emb)]
-        parts.append(self.num[uniq])
+        parts.append(num)
         if self.text is not None:
-            parts.append(self.text_proj(self.text(uniq, encoder)))
+            parts.append(self.text_proj(self.text(uniq, encoder, None if extra is None else extra.text)))
         return F.embedding(inverse, self.out(torch.cat(parts, dim=-1)))  # a gather with a deterministic backward
+
+    def _with_extra(self, uniq: Tensor, extra: ExtraItems) -> tuple[Tensor, Tensor, Tensor]:
+        """Id rows (U,), side categories (U, C) and numbers (U, F) of catalog and extra items."""
+        inside, n = uniq < len(self.id_rows), len(self.id_rows)
+        out = []
+        for table, more in ((self.id_rows, extra.id_rows), (self.cat, extra.cat), (self.num, extra.num)):
+            rows = table.new_empty((len(uniq), *table.shape[1:]))
+            rows[inside] = table[uniq[inside]]
+            rows[~inside] = more[uniq[~inside] - n]
+            out.append(rows)
+        return out[0], out[1], out[2]
 
 
 class DINPooling(nn.Module):

@@ -1,0 +1,203 @@
+"""Serving latency and throughput through HTTP, against two references measured in the same run.
+
+- ``full``: ``POST /v1/recommend`` with 100 catalog candidates through the whole graph (proxy ->
+  Ingress -> TaskHeads -> fusion), at concurrency 1, 8 and 32;
+- ``echo``: a deployment that returns its JSON body, on the same Serve: the floor of HTTP + proxy +
+  one replica;
+- ``in-process``: :meth:`mtrec.serving.Scorer.score` of the same request on the same bundle, no Ray.
+
+Target (issue #6) at concurrency 8: full p50 <= echo p50 + 2 x in-process time. The Embedder's call
+count must stay 0: the text encoder is not on the path for catalog items.
+
+    python -m bench.serve_bench [--requests 200] [--out-bundle DIR]
+
+The bundle: the packaged MiniLM (frozen) under the default multi-task model, trained one epoch on a
+synthetic ecommerce dataset of 1,000 items. Results: ``bench/results/serving.json`` and ``.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import RESULTS, median_time, save_results
+
+CONCURRENCY = (1, 8, 32)
+CANDIDATES = 100
+APP, ECHO = "mtrec-bench", "echo-bench"
+
+
+def build_bundle(root: Path) -> Path:
+    from mtrec.bundle import save_bundle
+    from mtrec.config import Config
+    from mtrec.data.synthetic import generate
+    from mtrec.engine import fit
+
+    data = generate("ecommerce", root / "data", num_users=500, num_items=1000, num_interactions=20_000, seed=0)
+    cfg = Config().override(["train.epochs=1", f"encoder.cache_dir={root / 'vectors'}"])
+    result = fit(cfg, data, work_dir=root / "work")
+    return save_bundle(root / "bundle", cfg, result.meta, result.model, result.item_vectors, result.meta.item_ids)
+
+
+def requests_for(bundle: Path, n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """``n`` recommend bodies: a random known user, 5 history items and 100 catalog candidates each."""
+    from mtrec.serving import Catalog
+
+    meta = Catalog.load(bundle).meta
+    rng = np.random.default_rng(seed)
+    ids, users = meta.item_ids, meta.users.values
+    return [
+        {
+            "user_id": users[int(rng.integers(len(users)))],
+            "history": [ids[i] for i in rng.choice(len(ids), 5, replace=False)],
+            "candidates": [ids[i] for i in rng.choice(len(ids), CANDIDATES, replace=False)],
+            "k": 10,
+        }
+        for _ in range(n)
+    ]
+
+
+def post(url: str, body: dict[str, Any]) -> float:
+    """Seconds for one POST; raises on a non-200 answer."""
+    data = json.dumps(body).encode()
+    start = time.perf_counter()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        r.read()
+        if r.status != 200:
+            raise RuntimeError(f"{url}: HTTP {r.status}")
+    return time.perf_counter() - start
+
+
+def load(url: str, bodies: list[dict[str, Any]], concurrency: int) -> dict[str, float]:
+    """p50/p99 latency (ms) and throughput (requests/s) of ``bodies`` sent by ``concurrency`` clients."""
+    for b in bodies[:concurrency]:  # warm-up: connections, replicas' first batches
+        post(url, b)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        lat = list(pool.map(lambda b: post(url, b), bodies))
+    wall = time.perf_counter() - start
+    ms = np.array(lat) * 1000
+    return {
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "rps": len(bodies) / wall,
+        "requests": len(bodies),
+    }
+
+
+def in_process(bundle: Path, bodies: list[dict[str, Any]]) -> float:
+    """Median ms of one request scored in this process (the Scorer, no Ray, one thread as a replica has)."""
+    import torch
+
+    from mtrec.bundle import load_bundle
+    from mtrec.serving import Candidate, Scorer, ScoreRequest
+
+    torch.set_num_threads(1)
+    scorer = Scorer(load_bundle(bundle))
+    reqs = [ScoreRequest(b["user_id"], [Candidate(c) for c in b["candidates"]], b["history"]) for b in bodies[:50]]
+    times = [median_time(lambda r=r: scorer.score(r), repeats=3)[0] for r in reqs]
+    return 1000 * statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--requests", type=int, default=200, help="requests per concurrency level")
+    p.add_argument("--bundle", default=None, help="an existing bundle (default: build one)")
+    args = p.parse_args(argv)
+
+    import ray.serve
+
+    from cluster.prometheus import free_port
+    from cluster.ray_env import ensure_ray
+    from serve.app import AppArgs, graph
+
+    tmp = tempfile.TemporaryDirectory()
+    bundle = Path(args.bundle) if args.bundle else build_bundle(Path(tmp.name))
+    bodies = requests_for(bundle, args.requests)
+    model_ms = in_process(bundle, bodies)
+    print(f"in-process model: {model_ms:.2f} ms per request of {CANDIDATES} candidates")
+
+    started = ensure_ray(num_cpus=4, metrics_export_port=free_port())
+    port = free_port()
+    try:
+        ray.serve.start(http_options={"host": "127.0.0.1", "port": port})
+
+        @ray.serve.deployment(max_ongoing_requests=128, ray_actor_options={"num_cpus": 0.25})
+        class Echo:
+            async def __call__(self, request: Any) -> Any:
+                return await request.json()
+
+        ray.serve.run(Echo.bind(), name=ECHO, route_prefix="/echo")
+        pinned = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 16}}
+        ray.serve.run(graph(AppArgs(bundle=str(bundle)), {"TaskHeads": pinned}), name=APP, route_prefix="/")
+        base = f"http://127.0.0.1:{port}"
+        results: dict[str, dict[str, dict[str, float]]] = {"full": {}, "echo": {}}
+        for c in CONCURRENCY:
+            results["echo"][str(c)] = load(base + "/echo", bodies, c)
+            results["full"][str(c)] = load(base + "/v1/recommend", bodies, c)
+            print(f"concurrency {c:>2}: full {results['full'][str(c)]} | echo {results['echo'][str(c)]}")
+        embedder = ray.serve.get_deployment_handle("Embedder", APP).stats.remote().result()
+    finally:
+        ray.serve.shutdown()
+        if started:
+            ray.shutdown()
+        tmp.cleanup()
+
+    full8, echo8 = results["full"]["8"]["p50_ms"], results["echo"]["8"]["p50_ms"]
+    target = {
+        "full_p50_ms": full8,
+        "bound_ms": echo8 + 2 * model_ms,
+        "met": full8 <= echo8 + 2 * model_ms,
+        "embedder_calls": embedder["calls"],
+        "encoder_off_path": embedder["calls"] == 0,
+    }
+    print(f"target at concurrency 8: {full8:.1f} ms <= {echo8:.1f} + 2 x {model_ms:.2f} ms -> {target['met']}")
+    print(f"Embedder calls during the run: {embedder['calls']}")
+    payload = {
+        "candidates": CANDIDATES,
+        "in_process_ms": model_ms,
+        "http": results,
+        "target_concurrency_8": target,
+        "embedder": embedder,
+    }
+    path = save_results("serving", payload)
+    plot(results, model_ms, RESULTS / "serving.png")
+    print(f"wrote {path}")
+    return 0
+
+
+def plot(results: dict[str, dict[str, dict[str, float]]], model_ms: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    levels = [int(c) for c in results["full"]]
+    for name, style in (("full", "o-"), ("echo", "s--")):
+        a.plot(levels, [results[name][str(c)]["p50_ms"] for c in levels], style, label=f"{name} p50")
+        a.plot(levels, [results[name][str(c)]["p99_ms"] for c in levels], style, alpha=0.4, label=f"{name} p99")
+        b.plot(levels, [results[name][str(c)]["rps"] for c in levels], style, label=name)
+    a.axhline(model_ms, color="grey", lw=0.8, label="in-process model")
+    a.set(xscale="log", yscale="log", xlabel="concurrency", ylabel="latency (ms)", title="latency, 100 candidates")
+    b.set(xscale="log", xlabel="concurrency", ylabel="requests / s", title="throughput")
+    for ax in (a, b):
+        ax.set_xticks(levels, [str(c) for c in levels])
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

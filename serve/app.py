@@ -1,0 +1,117 @@
+"""``serve.app:build_app``: the serving graph of a bundle, the ``import_path`` of every Serve config.
+
+::
+
+    HTTP -> Ingress (FastAPI) --> Embedder         texts the bundle lacks -> vectors (batched, LRU cache)
+                             \\-> TaskHeads        prepared requests -> per-task predictions (batched)
+                             \\-> WeightController fusion weights per arm, moved by live feedback
+
+``build_app(args)`` validates ``args`` as :class:`AppArgs`. Embedder and TaskHeads autoscale with
+the defaults of :data:`serve.config.AUTOSCALING` (a Serve config's ``deployments`` override them).
+The controller reads feedback from Prometheus when ``prometheus_url`` is given, else by scraping
+Ray's metrics endpoint (``metrics_url``, or the head node's export port when Ray runs here).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.serve
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from mtrec.errors import ConfigError
+from mtrec.serving import Catalog
+from serve.config import AUTOSCALING
+
+logger = logging.getLogger("ray.serve")
+
+
+class AppArgs(BaseModel):
+    """The application's arguments (the ``args`` of its Serve config)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bundle: str  # the bundle directory training wrote (RUN/bundle)
+    prometheus_url: str | None = None  # e.g. http://127.0.0.1:9090; None: scrape Ray's metrics endpoint
+    metrics_url: str | None = None  # Ray's metrics endpoint to scrape (default: the head's export port)
+    policy: str = "static"  # a name of mtrec.fusion.POLICIES
+    policy_params: dict[str, Any] = Field(default_factory=dict)
+    limits: dict[str, float] = Field(default_factory=dict)  # mtrec.fusion.Limits fields
+    state_path: str | None = None  # where the controller persists its state (None: not persisted)
+    period_s: float = Field(default=10.0, gt=0)  # seconds between controller updates
+    window_s: float = Field(default=60.0, gt=0)  # metrics window the controller reads
+    max_candidates: int = Field(default=500, ge=1, le=10_000)
+    max_text_chars: int = Field(default=2000, ge=1, le=100_000)
+    max_body_bytes: int = Field(default=2**21, ge=1024)
+    cache_size: int = Field(default=10_000, ge=0)  # texts in the Embedder's LRU
+    auth_token_env: str | None = None  # env var holding the bearer token of /v1/* (None: no auth)
+    feedback_ttl_s: float = Field(default=3600.0, gt=0)  # how long a request accepts feedback
+    max_served_requests: int = Field(default=100_000, ge=1)  # requests the feedback ledger remembers
+
+
+def build_app(args: dict[str, Any]) -> ray.serve.Application:
+    """The application for ``args`` (see :class:`AppArgs`); ConfigError naming a bad field."""
+    try:
+        parsed = AppArgs.model_validate(args)
+    except ValidationError as e:
+        raise ConfigError(f"serve.app args: {e}") from e
+    return graph(parsed)
+
+
+def graph(args: AppArgs, options: dict[str, dict[str, Any]] | None = None) -> ray.serve.Application:
+    """The bound deployments. ``options``: deployment name -> ``.options(...)`` overrides (tests pin
+    replica counts and give the Ingress its token's environment this way)."""
+    from serve.controller import WeightController
+    from serve.deployments import Embedder, TaskHeads
+    from serve.ingress import Ingress
+
+    if not Path(args.bundle).is_dir():
+        raise ConfigError(f"bundle: {args.bundle} is not a directory")
+    catalog = Catalog.load(args.bundle)
+    options = options or {}
+    unknown = sorted(set(options) - {"Ingress", "Embedder", "TaskHeads", "WeightController"})
+    if unknown:
+        raise ConfigError(f"options for unknown deployment(s) {unknown}")
+    opts = lambda name: {  # noqa: E731
+        **({"autoscaling_config": AUTOSCALING[name]} if name in AUTOSCALING else {}),
+        **options.get(name, {}),
+    }
+    embedder = Embedder.options(**opts("Embedder")).bind(args.bundle, args.cache_size, args.max_text_chars)
+    heads = TaskHeads.options(**opts("TaskHeads")).bind(args.bundle)
+    controller = WeightController.options(**opts("WeightController")).bind(
+        tasks=catalog.tasks,
+        weights={t.name: t.fusion_weight for t in catalog.meta.tasks},
+        policy=args.policy,
+        policy_params=args.policy_params,
+        limits=args.limits,
+        source=_source(args),
+        state_path=args.state_path,
+        period_s=args.period_s,
+        window_s=args.window_s,
+    )
+    return Ingress.options(**opts("Ingress")).bind(embedder, heads, controller, args.model_dump())
+
+
+def _source(args: AppArgs) -> dict[str, Any] | None:
+    """The controller's metrics source: Prometheus, else a direct scrape of Ray's metrics endpoint."""
+    if args.prometheus_url:
+        return {"kind": "prometheus", "url": args.prometheus_url}
+    url = args.metrics_url or _head_metrics_url()
+    if url is None:
+        logger.warning("serve.app: no Prometheus and no Ray metrics endpoint found: the weights will hold")
+        return None
+    return {"kind": "scrape", "url": url}
+
+
+def _head_metrics_url() -> str | None:
+    """``http://HEAD:PORT/metrics`` of the running Ray's head node (a direct scrape sees that node only)."""
+    if not ray.is_initialized():
+        return None
+    for node in ray.nodes():
+        port = node.get("MetricsExportPort")
+        if node.get("Alive") and port and "node:__internal_head__" in node.get("Resources", {}):
+            return f"http://{node['NodeManagerAddress']}:{port}/metrics"
+    return None

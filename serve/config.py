@@ -1,0 +1,118 @@
+"""The Serve config document of the app: for ``serve deploy``, a RayService's ``serveConfigV2`` and the demo.
+
+:func:`serve_config` returns the whole document (``proxy_location``, ``http_options``,
+``applications``), checked by Ray's own ``ServeDeploySchema``. Ray accepts unknown deployment keys and
+``min_replicas > max_replicas`` silently, so every autoscaling block is also built as a
+``ray.serve.config.AutoscalingConfig`` and every deployment key checked against the schema's fields.
+:data:`AUTOSCALING` holds the defaults, which ``serve.app`` applies too (one source of truth).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from mtrec.errors import ConfigError
+
+IMPORT_PATH = "serve.app:build_app"
+DEPLOYMENTS = ("Ingress", "Embedder", "TaskHeads", "WeightController")
+
+# Embedder and TaskHeads scale with load; the Ingress holds the per-replica feedback ledger (see
+# serve.app) and the WeightController is one actor by design, so both stay at one replica.
+AUTOSCALING: dict[str, dict[str, Any]] = {
+    "Embedder": {
+        "min_replicas": 1,
+        "max_replicas": 2,
+        "target_ongoing_requests": 8,
+        "upscale_delay_s": 5,
+        "downscale_delay_s": 60,
+    },
+    "TaskHeads": {
+        "min_replicas": 1,
+        "max_replicas": 4,
+        "target_ongoing_requests": 16,
+        "upscale_delay_s": 5,
+        "downscale_delay_s": 60,
+    },
+}
+
+
+def autoscaling_blocks(overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """:data:`AUTOSCALING` with ``overrides`` (deployment -> keys) merged in, each block validated.
+
+    ConfigError naming the deployment and the problem: an unknown deployment, an unknown key, or
+    values Ray's ``AutoscalingConfig`` refuses (or ``min_replicas > max_replicas``).
+    """
+    from ray.serve.config import AutoscalingConfig
+
+    out = copy.deepcopy(AUTOSCALING)
+    for name, block in (overrides or {}).items():
+        if name not in out:
+            raise ConfigError(f"autoscaling: {name!r} does not autoscale; valid deployments: {', '.join(out)}")
+        if not isinstance(block, dict):
+            raise ConfigError(f"autoscaling.{name}: expected a mapping, got {block!r}")
+        out[name].update(block)
+    valid = set(AutoscalingConfig.model_fields)
+    for name, block in out.items():
+        unknown = sorted(set(block) - valid)
+        if unknown:
+            raise ConfigError(f"autoscaling.{name}: unknown key(s) {unknown}; valid keys: {', '.join(sorted(valid))}")
+        try:
+            AutoscalingConfig(**block)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"autoscaling.{name}: {e}") from e
+        if block["min_replicas"] > block["max_replicas"]:
+            raise ConfigError(
+                f"autoscaling.{name}: min_replicas={block['min_replicas']} > max_replicas={block['max_replicas']}"
+            )
+    return out
+
+
+def serve_config(
+    bundle: str,
+    *,
+    name: str = "mtrec",
+    route_prefix: str = "/",
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    prometheus_url: str | None = None,
+    policy: str = "static",
+    state_path: str | None = None,
+    autoscaling: dict[str, dict] | None = None,
+    runtime_env: dict | None = None,
+) -> dict[str, Any]:
+    """The Serve config document of the app serving ``bundle`` (see the module docstring).
+
+    ``prometheus_url`` None: the controller scrapes Ray's metrics endpoint directly (one node; use
+    Prometheus on a cluster). ``autoscaling``: overrides of :data:`AUTOSCALING` per deployment.
+    """
+    from ray.serve.schema import DeploymentSchema, ServeDeploySchema
+
+    args: dict[str, Any] = {"bundle": bundle, "policy": policy}
+    if prometheus_url:
+        args["prometheus_url"] = prometheus_url
+    if state_path:
+        args["state_path"] = state_path
+    deployments = [{"name": "Ingress", "num_replicas": 1}]
+    deployments += [{"name": d, "autoscaling_config": block} for d, block in autoscaling_blocks(autoscaling).items()]
+    deployments.append({"name": "WeightController", "num_replicas": 1})
+    valid = set(DeploymentSchema.model_fields)
+    for d in deployments:
+        unknown = sorted(set(d) - valid)
+        if unknown:
+            raise ConfigError(f"deployment {d['name']}: unknown key(s) {unknown}")
+    app: dict[str, Any] = {
+        "name": name,
+        "route_prefix": route_prefix,
+        "import_path": IMPORT_PATH,
+        "args": args,
+        "deployments": deployments,
+    }
+    if runtime_env:
+        app["runtime_env"] = runtime_env
+    doc = {"proxy_location": "HeadOnly", "http_options": {"host": host, "port": port}, "applications": [app]}
+    try:
+        ServeDeploySchema(**doc)
+    except ValueError as e:
+        raise ConfigError(f"the Serve config does not validate: {e}") from e
+    return doc

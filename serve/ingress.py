@@ -1,0 +1,297 @@
+"""The HTTP front of the app: a FastAPI ``Ingress`` deployment (OpenAPI docs at ``/docs``).
+
+``POST /v1/recommend`` prepares the request (:class:`mtrec.serving.Catalog`), asks the ``Embedder``
+for the vectors of texts the bundle lacks (none for catalog items), the ``TaskHeads`` for per-task
+predictions, picks the request's weight arm (:func:`mtrec.serving.choose_arm`) and ranks by the fused
+score (:func:`mtrec.fusion.rank`). ``POST /v1/score`` scores every candidate in request order.
+``POST /v1/feedback`` counts events per task and arm, once per (request, item, task). The weights come
+from the ``WeightController``, refreshed in the background every :data:`DECISION_REFRESH_S`: the
+request path never waits for it, and a controller that is down leaves the last weights in force.
+
+Feedback ledger: each Ingress replica remembers what it served (:class:`mtrec.serving.FeedbackLedger`),
+so a request's feedback must reach the replica that served it. The Ingress is light (the model work
+is in the autoscaled Embedder and TaskHeads) and runs as one replica; holding the ledger in the
+controller instead would add a round trip to every request. With several Ingress replicas, feedback
+that reaches another replica is refused with a 404.
+
+Every client error is a 4xx with a message: malformed JSON, a wrong type, an unknown field, NaN
+(422), a configured limit (422), a body over ``max_body_bytes`` (413) or without a length (411), a
+bad bearer token (401), an unknown request id (404). Model-side failures answer 503.
+"""
+
+# No ``from __future__ import annotations`` here: FastAPI reads the endpoints' annotations at run
+# time, and Serve's class-based ingress hides the module globals that string annotations need.
+import asyncio
+import hmac
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray.serve
+from fastapi import FastAPI, Header, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from mtrec.errors import ConfigError, DataError
+from mtrec.fusion import MAIN, fuse, normalise_weights, rank
+from mtrec.serving import Candidate, Catalog, FeedbackLedger, RequestError, ScoreRequest, choose_arm
+from serve.schemas import (
+    CandidateIn,
+    FeedbackBody,
+    FeedbackResponse,
+    Limits,
+    RecommendBody,
+    RecommendResponse,
+    ScoreBody,
+    ScoredItem,
+    check_limits,
+)
+
+logger = logging.getLogger("ray.serve")
+
+DECISION_REFRESH_S = 1.0
+CALL_TIMEOUT_S = 30.0  # a model call slower than this answers 503
+ROUTES = ("/v1/recommend", "/v1/score", "/v1/feedback", "/v1/weights", "/healthz")
+
+
+@dataclass
+class _Settings:
+    """What the ASGI guard reads; the Ingress replica sets it from its args (one app per process)."""
+
+    max_body_bytes: int = 2**21
+
+
+SETTINGS = _Settings()
+api = FastAPI(title="ray-mtrec", description="Multi-task recommendation with online score fusion.")
+
+
+def _metrics() -> Any:
+    import serve.metrics
+
+    return serve.metrics
+
+
+class _Guard:
+    """ASGI middleware: refuses a body over ``SETTINGS.max_body_bytes`` (413) or a POST without a
+    ``Content-Length`` (411) before anything reads it, and counts every response per route and status."""
+
+    def __init__(self, app: Any) -> None:
+        self._app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        route = path if path in ROUTES else "other"
+        status = 500
+
+        async def send_status(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        problem = None
+        if scope.get("method") == "POST" and length is None:
+            problem = (411, "a Content-Length header is required")
+        elif length is not None and (not length.isdigit() or int(length) > SETTINGS.max_body_bytes):
+            problem = (413, f"body of {length.decode(errors='replace')} bytes; at most {SETTINGS.max_body_bytes}")
+        try:
+            if problem:
+                await JSONResponse({"detail": problem[1]}, status_code=problem[0])(scope, receive, send_status)
+            else:
+                await self._app(scope, receive, send_status)
+        finally:
+            _metrics().record_requests(route, status)
+
+
+api.add_middleware(_Guard)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    # never echo the input back: it may be huge, and NaN in it would not even serialise
+    errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()]
+    first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+    where = ".".join(str(x) for x in first["loc"] if x != "body")
+    return JSONResponse({"detail": f"{where}: {first['msg']}" if where else first["msg"], "errors": errors}, 422)
+
+
+@api.exception_handler(RequestError)
+@api.exception_handler(DataError)
+async def _unservable(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, 422)
+
+
+@api.exception_handler(Exception)
+async def _internal(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("Ingress: %s %s failed", request.method, request.url.path)
+    return JSONResponse({"detail": f"the service failed to answer ({type(exc).__name__}); retry later"}, 503)
+
+
+def _item_id(c: CandidateIn | int | str) -> int | str:
+    return c.item_id if isinstance(c, CandidateIn) else c
+
+
+def _set_body_limit(max_bytes: int) -> None:
+    """Set the guard's body limit in this process. (A function: Serve ships the Ingress class by value
+    with copies of the objects it names, so the class must not assign module state itself.)"""
+    SETTINGS.max_body_bytes = max_bytes
+
+
+@ray.serve.deployment(max_ongoing_requests=128, ray_actor_options={"num_cpus": 0.25})
+@ray.serve.ingress(api)
+class Ingress:
+    """See the module docstring. ``args``: :class:`serve.app.AppArgs` as a dict."""
+
+    def __init__(self, embedder: Any, heads: Any, controller: Any, args: dict[str, Any]) -> None:
+        self._embedder, self._heads, self._controller = embedder, heads, controller
+        self._catalog = Catalog.load(args["bundle"])
+        self._tasks = {t.name: t for t in self._catalog.meta.tasks}
+        self._limits = Limits(args["max_candidates"], args["max_text_chars"])
+        _set_body_limit(args["max_body_bytes"])
+        self._token: str | None = None
+        if args.get("auth_token_env"):
+            self._token = os.environ.get(args["auth_token_env"]) or None
+            if self._token is None:
+                raise ConfigError(f"auth_token_env: the environment variable {args['auth_token_env']!r} is not set")
+        self._ledger = FeedbackLedger(args["feedback_ttl_s"], args["max_served_requests"])
+        priors = normalise_weights({t: s.fusion_weight for t, s in self._tasks.items()})
+        self._decision: dict[str, Any] = {"version": 0, "weights": {MAIN: priors}, "traffic": {MAIN: 1.0}}
+        self._scales: dict[str, float] | None = None
+        self._refresher = asyncio.get_running_loop().create_task(self._refresh())
+
+    async def _refresh(self) -> None:
+        while True:
+            try:
+                self._decision = await asyncio.wait_for(self._controller.decision.remote(), CALL_TIMEOUT_S)
+            except Exception as e:  # the controller restarting: keep the last weights
+                logger.warning("Ingress: weights not refreshed (%s); keeping version %s", e, self._decision["version"])
+            await asyncio.sleep(DECISION_REFRESH_S)
+
+    def _authorize(self, authorization: str | None) -> None:
+        if self._token is None:
+            return
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._token.encode()):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    async def _predict(self, body: ScoreBody) -> tuple[dict[str, np.ndarray], float]:
+        """Per-task predictions ``{task: (N,)}`` for the body's candidates, and when the work began."""
+        start = time.perf_counter()
+        problem = check_limits(body, self._limits)
+        if problem:
+            raise HTTPException(422, problem)
+        candidates = [
+            Candidate(c.item_id, c.text, c.features) if isinstance(c, CandidateIn) else Candidate(c)
+            for c in body.candidates
+        ]
+        request = ScoreRequest(body.user_id, candidates, body.history, body.context, body.user_features)
+        prepared = self._catalog.prepare(request)
+        m, t = _metrics(), time.perf_counter()
+        m.observe_latency("ingress", 1000 * (t - start))
+        try:
+            vectors = None
+            if prepared.texts:
+                vectors = await asyncio.wait_for(self._embedder.embed.remote(prepared.texts), CALL_TIMEOUT_S)
+                m.observe_latency("embed", 1000 * (time.perf_counter() - t))
+            t = time.perf_counter()
+            preds = await asyncio.wait_for(self._heads.predict.remote((prepared, vectors)), CALL_TIMEOUT_S)
+            if self._scales is None:
+                self._scales = await asyncio.wait_for(self._heads.scales.remote(), CALL_TIMEOUT_S)
+        except (asyncio.TimeoutError, ray.exceptions.RayError) as e:
+            raise HTTPException(503, f"the model is unavailable ({type(e).__name__}); retry later") from e
+        m.observe_latency("heads", 1000 * (time.perf_counter() - t))
+        return preds, start
+
+    def _arm(self) -> tuple[str, str, dict[str, float]]:
+        request_id = uuid.uuid4().hex
+        arm = choose_arm(request_id, self._decision["traffic"])
+        return request_id, arm, self._decision["weights"][arm]
+
+    @api.post("/v1/recommend", response_model=RecommendResponse)
+    async def recommend(self, body: RecommendBody, authorization: str | None = Header(None)) -> RecommendResponse:
+        """The ``k`` best candidates by fused score, with every task's prediction."""
+        self._authorize(authorization)
+        preds, start = await self._predict(body)
+        t = time.perf_counter()
+        request_id, arm, weights = self._arm()
+        best, scores = rank(preds, weights, body.k, self._scales)
+        ids = [_item_id(body.candidates[i]) for i in best]
+        items = [
+            ScoredItem(item_id=ids[n], score=float(scores[n]), predictions={k: float(v[i]) for k, v in preds.items()})
+            for n, i in enumerate(best)
+        ]
+        self._ledger.remember(request_id, arm, ids)
+        m = _metrics()
+        m.record_impressions(arm, len(items))
+        for task, p in preds.items():
+            m.observe_predictions(task, p[best])
+        m.observe_fused(scores)
+        now = time.perf_counter()
+        m.observe_latency("fuse", 1000 * (now - t))
+        m.observe_latency("total", 1000 * (now - start))
+        return RecommendResponse(
+            request_id=request_id, arm=arm, weights_version=int(self._decision["version"]), items=items
+        )
+
+    @api.post("/v1/score", response_model=RecommendResponse)
+    async def score(self, body: ScoreBody, authorization: str | None = Header(None)) -> RecommendResponse:
+        """Every candidate in request order, with its predictions and fused score (no impression counted)."""
+        self._authorize(authorization)
+        preds, _ = await self._predict(body)
+        request_id, arm, weights = self._arm()
+        scores = fuse(preds, weights, self._scales)
+        items = [
+            ScoredItem(
+                item_id=_item_id(c), score=float(scores[i]), predictions={k: float(v[i]) for k, v in preds.items()}
+            )
+            for i, c in enumerate(body.candidates)
+        ]
+        return RecommendResponse(
+            request_id=request_id, arm=arm, weights_version=int(self._decision["version"]), items=items
+        )
+
+    @api.post("/v1/feedback", response_model=FeedbackResponse)
+    async def feedback(self, body: FeedbackBody, authorization: str | None = Header(None)) -> FeedbackResponse:
+        """Events of an item a recommendation served; each (request, item, task) counts once."""
+        self._authorize(authorization)
+        unknown = sorted(set(body.events) - set(self._tasks))
+        if unknown:
+            raise HTTPException(422, f"events: unknown task(s) {unknown}; tasks: {sorted(self._tasks)}")
+        for task, value in body.events.items():
+            if self._tasks[task].kind == "binary" and value not in (0, 1):
+                raise HTTPException(422, f"events.{task}: {value!r}; a binary task's event is 0 or 1")
+        try:
+            arm, new, duplicates = self._ledger.record(body.request_id, body.item_id, list(body.events))
+        except LookupError as e:
+            raise HTTPException(404, str(e.args[0])) from e
+        m = _metrics()
+        for task in new:
+            m.record_feedback(task, arm, body.events[task])
+        return FeedbackResponse(recorded=new, duplicates=duplicates)
+
+    @api.get("/v1/weights")
+    async def weights(self, authorization: str | None = Header(None)) -> dict[str, Any]:
+        """The controller's current decision: weights per arm, traffic shares, version, reason."""
+        self._authorize(authorization)
+        try:
+            return await asyncio.wait_for(self._controller.decision.remote(), CALL_TIMEOUT_S)
+        except (asyncio.TimeoutError, ray.exceptions.RayError) as e:
+            raise HTTPException(503, f"the weight controller is unavailable ({type(e).__name__})") from e
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        """Liveness, the tasks served and the version of the weights in force."""
+        return {
+            "status": "ok",
+            "tasks": list(self._tasks),
+            "weights_version": self._decision["version"],
+            "served_requests_remembered": len(self._ledger),
+        }

@@ -1,0 +1,107 @@
+"""Request and response bodies of the HTTP API, with the limits every client input is checked against.
+
+Static limits (an id's length, ``k``, finite numbers, no unknown fields) live in the models; the limits
+an operator configures (candidates per request, characters per text) are checked by
+:func:`check_limits` against the app's :class:`Limits`. A violation is a 422 with a message naming
+the field; a body over the byte limit is a 413 (see :mod:`serve.app`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+MAX_ID_CHARS = 256
+MAX_K = 1000
+MAX_HISTORY = 1000  # ids accepted in a history (the model reads the last max_history of them)
+MAX_FEATURES = 64  # named numbers per candidate or user
+MAX_EVENTS = 32  # events per feedback call
+
+ItemId = int | Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_CHARS)]
+FeatureName = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+
+
+class _Body(BaseModel):
+    """Unknown fields are an error (a typo must not pass silently); NaN and infinities are refused."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class CandidateIn(_Body):
+    """A candidate: a catalog item id, or an id and its text for an item not in the catalog (cold start).
+    ``features``: numbers of this impression the model was trained with (``position``, ``discount``)."""
+
+    item_id: ItemId
+    text: str | None = Field(default=None, min_length=1)
+    features: dict[FeatureName, float | None] | None = Field(default=None, max_length=MAX_FEATURES)
+
+
+class ScoreBody(_Body):
+    """Candidates to score for one user. A candidate is an item id or a :class:`CandidateIn`."""
+
+    user_id: ItemId
+    candidates: list[CandidateIn | ItemId] = Field(min_length=1)
+    history: list[ItemId] = Field(default_factory=list, max_length=MAX_HISTORY)
+    context: str | None = Field(default=None, min_length=1)
+    user_features: dict[FeatureName, str | int | float | None] = Field(default_factory=dict, max_length=MAX_FEATURES)
+
+
+class RecommendBody(ScoreBody):
+    """:class:`ScoreBody` and ``k``, the number of items to return."""
+
+    k: int = Field(default=10, ge=1, le=MAX_K)
+
+
+class ScoredItem(BaseModel):
+    item_id: int | str
+    score: float  # the fused score under the arm's weights
+    predictions: dict[str, float]  # task -> probability (binary) or value (regression)
+
+
+class RecommendResponse(BaseModel):
+    request_id: str  # quote it in feedback
+    arm: str  # the fusion-weight arm that served the request
+    weights_version: int
+    items: list[ScoredItem]  # best first
+
+
+class FeedbackBody(_Body):
+    """Events of one served item, e.g. ``{"click": 1, "purchase": 0}``: 0 or 1 for a binary task,
+    the value for a regression task. Each (request, item, task) counts once; repeats are ignored."""
+
+    request_id: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    item_id: ItemId
+    events: dict[FeatureName, float] = Field(min_length=1, max_length=MAX_EVENTS)
+
+
+class FeedbackResponse(BaseModel):
+    recorded: list[str]  # tasks counted now
+    duplicates: list[str]  # tasks already counted for this request and item (ignored)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What an operator configures (``AppArgs``): candidates per request, characters per text."""
+
+    max_candidates: int
+    max_text_chars: int
+
+
+def check_limits(body: ScoreBody, limits: Limits) -> str | None:
+    """The first configured limit ``body`` breaks, as a message naming the field; None when within."""
+    if len(body.candidates) > limits.max_candidates:
+        return f"candidates: {len(body.candidates)} candidates; at most {limits.max_candidates} per request"
+    texts: list[tuple[str, Any]] = [("context", body.context)]
+    texts += [(f"candidates[{i}].text", c.text) for i, c in enumerate(body.candidates) if isinstance(c, CandidateIn)]
+    for where, text in texts:
+        if text is not None and len(text) > limits.max_text_chars:
+            return f"{where}: {len(text)} characters; at most {limits.max_text_chars}"
+    seen: set[str] = set()
+    for i, c in enumerate(body.candidates):
+        key = str(c.item_id if isinstance(c, CandidateIn) else c)
+        if key in seen:
+            return f"candidates[{i}]: item {key!r} appears more than once"
+        seen.add(key)
+    return None

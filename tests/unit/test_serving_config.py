@@ -1,0 +1,65 @@
+"""The Serve config document, the app's arguments and the request limits (no Ray cluster needed)."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from mtrec.errors import ConfigError
+from serve.config import AUTOSCALING, serve_config
+from serve.run import main
+from serve.schemas import CandidateIn, Limits, RecommendBody, check_limits
+
+
+def test_serve_config_validates_and_merges_autoscaling_overrides():
+    doc = serve_config(
+        "/runs/b", prometheus_url="http://127.0.0.1:9090", autoscaling={"TaskHeads": {"max_replicas": 8}}
+    )
+    app = doc["applications"][0]
+    assert app["import_path"] == "serve.app:build_app" and doc["http_options"]["host"] == "127.0.0.1"
+    assert app["args"] == {"bundle": "/runs/b", "policy": "static", "prometheus_url": "http://127.0.0.1:9090"}
+    blocks = {d["name"]: d.get("autoscaling_config") for d in app["deployments"]}
+    assert set(blocks) == {"Ingress", "Embedder", "TaskHeads", "WeightController"}
+    assert blocks["TaskHeads"]["max_replicas"] == 8 and blocks["Embedder"] == AUTOSCALING["Embedder"]
+    assert AUTOSCALING["TaskHeads"]["max_replicas"] != 8  # the defaults are not changed by an override
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"Ingress": {"max_replicas": 2}}, "'Ingress' does not autoscale"),
+        ({"Embedder": {"max_replica": 2}}, r"unknown key\(s\) \['max_replica'\]"),
+        ({"Embedder": {"min_replicas": 3, "max_replicas": 2}}, "autoscaling.Embedder"),
+        ({"TaskHeads": {"target_ongoing_requests": -1}}, "autoscaling.TaskHeads"),
+    ],
+)
+def test_bad_autoscaling_is_a_config_error_naming_the_deployment(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        serve_config("/runs/b", autoscaling=overrides)
+
+
+def test_serve_config_command_writes_the_rayservice_block(tmp_path, capsys):
+    out = tmp_path / "serve.yaml"
+    assert (
+        main(["config", "--bundle", "/b", "--out", str(out), "--rayservice", "--autoscale", "Embedder.max_replicas=3"])
+        == 0
+    )
+    doc = yaml.safe_load(out.read_text())
+    assert list(doc) == ["applications"]
+    embedder = next(d for d in doc["applications"][0]["deployments"] if d["name"] == "Embedder")
+    assert embedder["autoscaling_config"]["max_replicas"] == 3
+    with pytest.raises(ConfigError, match="DEPLOYMENT.KEY=VALUE"):
+        main(["config", "--bundle", "/b", "--autoscale", "max_replicas=3"])
+
+
+def test_request_limits_name_the_field():
+    limits = Limits(max_candidates=3, max_text_chars=5)
+    assert check_limits(RecommendBody(user_id=1, candidates=[1, 2, 3]), limits) is None
+    assert "at most 3" in check_limits(RecommendBody(user_id=1, candidates=[1, 2, 3, 4]), limits)
+    long_text = RecommendBody(user_id=1, candidates=[CandidateIn(item_id="n", text="abcdef")])
+    assert check_limits(long_text, limits) == "candidates[0].text: 6 characters; at most 5"
+    assert "appears more than once" in check_limits(RecommendBody(user_id=1, candidates=[2, "2"]), limits)
+    with pytest.raises(ValueError, match="Extra inputs are not permitted"):
+        RecommendBody(user_id=1, candidates=[1], colour="red")
+    with pytest.raises(ValueError, match="finite"):
+        RecommendBody(user_id=1, candidates=[CandidateIn(item_id=1, features={"x": float("nan")})])

@@ -98,6 +98,16 @@ def _policies(doc: dict) -> Iterator[Row]:
             yield f"{shift} shift: {key.replace('_', ' ')}", (*prefix, "bar", key)
 
 
+def _serving(doc: dict) -> Iterator[Row]:
+    yield "in-process model call, 100 candidates (ms)", ("in_process_ms",)
+    for graph in doc["http"]:
+        for c in doc["http"][graph]:
+            for key in ("p50_ms", "p99_ms", "rps"):
+                yield f"{graph} graph, concurrency {c}: {key.replace('_', ' ')}", ("http", graph, c, key)
+    for key in doc["target_concurrency_8"]:
+        yield f"target at concurrency 8: {key.replace('_', ' ')}", ("target_concurrency_8", key)
+
+
 def _headline(doc: dict) -> Iterator[Row]:
     for key in doc.get("headline", {}):
         yield key, ("headline", key)
@@ -109,6 +119,7 @@ SECTIONS: dict[str, tuple[str, Callable[[dict], Iterator[Row]]]] = {
     "movielens": ("MovieLens-100K click/like: LLM text against ID-only (Ray Train)", _per_task_runs),
     "training": ("Training throughput on Ray Train (synthetic e-commerce)", _training),
     "llm": ("Text backbones on MovieLens-100K: ID only, MiniLM, SmolLM2", _per_task_runs),
+    "serving": ("Serving latency through HTTP (Ray Serve), against an echo floor and an in-process call", _serving),
     "policies": ("Fusion-weight policies in the simulator (fraction of the oracle reward)", _policies),
 }
 

@@ -117,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray.serve
 
-    from cluster.prometheus import free_port
-    from cluster.ray_env import ensure_ray
+    from cluster.ray_env import ensure_ray, free_port
     from serve.app import AppArgs, graph
 
     tmp = tempfile.TemporaryDirectory()

@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -25,18 +24,12 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from cluster.ray_env import free_port
 from mtrec.errors import ConfigError, MtrecError
 
 SD_FILE = "prom_metrics_service_discovery.json"
 DEFAULT_BINARY = "/usr/bin/prometheus"
 PID_FILE = "prometheus.pid"
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (bind to port 0, read it, release it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def service_discovery_file(session_dir: str | Path | None = None) -> Path:

@@ -12,12 +12,26 @@ Token authentication stays as Ray sets it; only loopback tests turn it off (``RA
 from __future__ import annotations
 
 import os
+import socket
 
+DASHBOARD_PORT = 8265
 LOCAL_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_worker_niceness": "0",
     "RAY_TRAIN_V2_ENABLED": "1",
 }
+
+
+def free_port(preferred: int = 0) -> int:
+    """A TCP port free on 127.0.0.1 right now: ``preferred`` when it is free, else one the OS picks."""
+    for port in (preferred, 0) if preferred else (0,):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise OSError("no free TCP port on 127.0.0.1")
 
 
 def apply_local_env() -> None:
@@ -55,6 +69,7 @@ def ensure_ray(
         object_store_memory=object_store_mb * 1024**2,
         include_dashboard=True,
         dashboard_host="127.0.0.1",
+        dashboard_port=free_port(DASHBOARD_PORT),  # Ray's usual port, unless another Ray holds it
         **kwargs,
     )
     import ray.data

@@ -294,12 +294,12 @@ def prepare_examples(data_dir: str | Path, cfg: Config, out_dir: str | Path) -> 
         for c in user_num_cols:
             raw = np.concatenate([_float(users.column(c)), [np.nan]])[row]
             user_num[c] = _stats(raw[train])
-            columns[f"user_num_{c}"] = _standardise(raw, user_num[c])
+            columns[f"user_num_{c}"] = standardise(raw, user_num[c])
     inter_num = {}
     for c in inter_cols:
         raw = _float(inter.column(c))
         inter_num[c] = _stats(raw[train])
-        columns[f"inter_num_{c}"] = _standardise(raw, inter_num[c])
+        columns[f"inter_num_{c}"] = standardise(raw, inter_num[c])
     for t in tasks:
         columns[f"label_{t.name}"] = labels[t.name]
     columns["cold"] = inter.column("cold_item").to_numpy(zero_copy_only=False).astype(bool)
@@ -312,7 +312,7 @@ def prepare_examples(data_dir: str | Path, cfg: Config, out_dir: str | Path) -> 
     for c in item_num_cols:
         raw = _float(items.column(c))
         item_num[c] = _stats(raw)
-        catalog[f"item_num_{c}"] = _standardise(raw, item_num[c])
+        catalog[f"item_num_{c}"] = standardise(raw, item_num[c])
 
     meta = FeatureMeta(
         tasks=tasks,
@@ -399,7 +399,7 @@ def _stats(x: np.ndarray) -> tuple[float, float]:
     return float(x.mean()), std if std > 0 else 1.0
 
 
-def _standardise(x: np.ndarray, stats: tuple[float, float]) -> np.ndarray:
+def standardise(x: np.ndarray, stats: tuple[float, float]) -> np.ndarray:
     mean, std = stats
     return np.nan_to_num((x - mean) / std, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
 

@@ -48,7 +48,7 @@ from mtrec.bundle import MANIFEST, META, Bundle
 from mtrec.config import Config
 from mtrec.encoders.text import clean_text
 from mtrec.errors import BundleError, MtrecError
-from mtrec.features import FeatureMeta, _standardise
+from mtrec.features import FeatureMeta, standardise
 from mtrec.fusion import fit_scales
 from mtrec.models import ExtraItems, MultiTaskModel, TextVectors
 
@@ -157,7 +157,7 @@ class Catalog:
         )
         user_num = np.array(
             [
-                _standardise(np.array([_number(request.user_features.get(c), f"user_features.{c}")]), meta.user_num[c])[
+                standardise(np.array([_number(request.user_features.get(c), f"user_features.{c}")]), meta.user_num[c])[
                     0
                 ]
                 for c in meta.user_num
@@ -192,7 +192,7 @@ class Catalog:
                         f"candidates[{n}].features: unknown feature(s) {bad}; this model reads {columns or 'none'}"
                     )
                 raw = np.array([_number(c.features.get(k), f"candidates[{n}].features.{k}") for k in columns])
-                inter_num[n] = [_standardise(raw[j : j + 1], meta.inter_num[k])[0] for j, k in enumerate(columns)]
+                inter_num[n] = [standardise(raw[j : j + 1], meta.inter_num[k])[0] for j, k in enumerate(columns)]
         if not self.reads_text:
             texts = []  # an ID-only model reads no text: cold items are their id bucket alone
         cold_id_rows = meta.items.lookup(np.array(cold_ids, dtype=object)) if cold_ids else np.zeros(0, np.int64)

@@ -81,8 +81,7 @@ def run(argv: list[str]) -> int:
     _common(p)
     p.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
     args = p.parse_args(argv)
-    from cluster.prometheus import free_port
-    from cluster.ray_env import ensure_ray
+    from cluster.ray_env import ensure_ray, free_port
 
     started = ensure_ray(args.address, metrics_export_port=None if args.address else free_port())
     import ray

@@ -45,7 +45,7 @@ def serve_http(ray_cluster):
     import ray.serve
     from ray.serve.context import _get_global_client  # the running Serve's HTTP options (no public getter)
 
-    from cluster.prometheus import free_port
+    from cluster.ray_env import free_port
 
     ray.serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
     return f"http://127.0.0.1:{_get_global_client().http_config.port}"

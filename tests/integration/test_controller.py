@@ -57,7 +57,7 @@ def controller_app(ray_cluster, prometheus_server, tmp_path_factory):
     feedback and reads the weights, as the Ingress does."""
     import ray.serve
 
-    from cluster.prometheus import free_port
+    from cluster.ray_env import free_port
     from serve.controller import WeightController
 
     @ray.serve.deployment

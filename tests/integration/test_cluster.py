@@ -1,0 +1,204 @@
+"""`mtrec cluster up|status|down` and `mtrec submit` on a real local Ray cluster, with token authentication on
+(the product default) and the real Prometheus scraping it.
+
+This starts its own multi-process cluster (`ray start --head` in separate sessions), not the session's
+embedded `ray_cluster`: that is the thing under test. Free ports throughout, every listener on 127.0.0.1,
+and the module fixture stops exactly what `up` recorded, even when a test fails.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from cluster import cli
+from cluster.prometheus import stop_prometheus
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
+ROOT = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("manifest_checks", ROOT / "tests" / "unit" / "test_manifests.py")
+manifest_checks = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(manifest_checks)  # the dashboard / alert-rule readers of the offline tests
+
+# Records every serving metric once, from a detached actor that keeps exporting after the job ends.
+EMIT = """
+import ray
+ray.init()
+
+@ray.remote(num_cpus=0)
+class Emitter:
+    def emit(self):
+        from serve import metrics as m
+        for arm in ("main", "explore"):
+            m.record_impressions(arm, 40)
+            for task in ("click", "purchase"):
+                m.record_feedback(task, arm, 1.0)
+        for status in (200, 500):
+            m.record_requests("/v1/recommend", status)
+        for stage in m.STAGES:
+            m.observe_latency(stage, 12.0)
+        m.observe_predictions("click", [0.1, 0.4])
+        m.observe_fused([0.5, 1.2])
+        m.set_weights({"main": {"click": 1.0, "purchase": 2.0}}, {"main": 0.9, "explore": 0.1}, [])
+        m.set_staleness(3.0)
+        m.record_update("hold")
+        return True
+
+emitter = Emitter.options(name="mtrec-test-emitter", lifetime="detached").remote()
+assert ray.get(emitter.emit.remote())
+"""
+
+
+def mtrec(args: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mtrec.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def get_json(url: str, headers: dict[str, str] | None = None) -> dict:
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=10) as r:
+        return json.load(r)
+
+
+def promql(prometheus: str, expr: str) -> dict:
+    return get_json(f"{prometheus}/api/v1/query?{urllib.parse.urlencode({'query': expr})}")
+
+
+def wait_for(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(2)
+
+
+@pytest.fixture(scope="module")
+def local_cluster(tmp_path_factory):
+    state_dir = tmp_path_factory.mktemp("cluster")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}  # token auth on, as users get it
+    env["MTREC_CLUSTER_DIR"] = str(state_dir)
+    recorded: list[dict] = []
+    try:
+        up = mtrec(["cluster", "up", "--free-ports", "--num-cpus", "2"], env, timeout=300)
+        state = cli.read_state(state_dir)
+        if state:
+            recorded.append(state)
+        assert up.returncode == 0, up.stdout + up.stderr
+        yield state_dir, env, state
+    finally:
+        mtrec(["cluster", "down", "--grace", "20"], env, timeout=120)
+        for state in recorded:  # backstop: whatever `up` recorded is gone, whatever happened above
+            for node in state["nodes"]:
+                cli.stop_session(node["pid"], grace_s=1)
+            if state.get("prometheus"):
+                stop_prometheus(state["prometheus"]["pid"])
+            shutil.rmtree(state["temp_dir"], ignore_errors=True)  # the nodes' logs and sockets
+
+
+def test_status_reports_a_healthy_loopback_cluster_with_token_auth(local_cluster):
+    _, env, state = local_cluster
+    done = mtrec(["cluster", "status", "--json"], env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    status = json.loads(done.stdout)
+    assert status["auth_mode"] == "token" and status["alive_nodes"] == 1 and status["prometheus"]["ok"]
+    assert status["nodes"][0]["processes"] >= 5
+    url = f"{state['dashboard_url']}/api/version"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        get_json(url)
+    assert refused.value.code == 401
+    assert get_json(url, cli.token_headers())["ray_version"]
+    if shutil.which("ss"):  # every listener of the node's processes is on loopback
+        pids = set(cli.session_members(state["nodes"][0]["pid"]))
+        listeners = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout.splitlines()
+        ours = [line.split()[3] for line in listeners if {int(p) for p in re.findall(r"pid=(\d+)", line)} & pids]
+        assert ours and all(a.startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:")) for a in ours), ours
+
+
+def test_prometheus_scrapes_the_cluster(local_cluster):
+    _, _, state = local_cluster
+    prometheus = state["prometheus"]["url"]
+
+    def targets_up():
+        active = get_json(f"{prometheus}/api/v1/targets")["data"]["activeTargets"]
+        return active if active and all(t["health"] == "up" for t in active) else None
+
+    active = wait_for(targets_up, 60, "every scrape target up")
+    assert f"127.0.0.1:{state['ports']['metrics']}" in {t["labels"]["instance"] for t in active}
+    result = wait_for(lambda: promql(prometheus, "ray_node_cpu_count")["data"]["result"], 60, "ray_node_cpu_count")
+    assert float(result[0]["value"][1]) == 2.0
+
+
+def test_dashboard_and_alert_queries_read_live_series(local_cluster):
+    import ray.job_submission
+
+    from cluster.submit import runtime_env
+
+    _, _, state = local_cluster
+    client = ray.job_submission.JobSubmissionClient(state["dashboard_url"], headers=cli.token_headers())
+    job = client.submit_job(entrypoint=f"python -c {shlex.quote(EMIT)}", runtime_env=runtime_env())
+    status = wait_for(lambda: client.get_job_status(job).is_terminal() and client.get_job_status(job), 120, "job")
+    assert status.value == "SUCCEEDED", client.get_job_logs(job)
+
+    prometheus = state["prometheus"]["url"]
+    board = manifest_checks.dashboard()
+    exprs = manifest_checks.dashboard_exprs(board) + manifest_checks.rule_exprs()
+    for name in sorted(set().union(*map(manifest_checks.metric_names, exprs))):
+        wait_for(lambda n=name: promql(prometheus, f"count({n})")["data"]["result"], 90, f"series {name}")
+    time.sleep(12)  # two more scrapes: rate() needs two samples
+    values = {"$__rate_interval": "1m", "$cluster": ".*", "$ctr_task": "click", "$cvr_task": "purchase"}
+    for expr in manifest_checks.dashboard_exprs(board):
+        for var, value in values.items():
+            expr = expr.replace(var, value)
+        answer = promql(prometheus, expr)
+        assert answer["status"] == "success" and answer["data"]["result"], expr
+
+
+def test_submit_train_runs_the_job_and_writes_a_bundle(local_cluster, tmp_path):
+    from mtrec.bundle import load_bundle
+    from mtrec.data.synthetic import generate
+
+    _, env, _ = local_cluster
+    data = generate("ecommerce", tmp_path / "data", num_users=200, num_items=100, num_interactions=3000, seed=0)
+    run = tmp_path / "run"
+    args = ["--data", str(data), "--out", str(run), "--preset", "synthetic-ecommerce"]
+    args += ["train.num_workers=1", "train.epochs=1"]
+    done = mtrec(["submit", "train", "--", *args], env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "SUCCEEDED" in done.stderr and "Running entrypoint" in done.stdout  # logs were streamed
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["test"]) == {"click", "add_to_cart", "purchase", "ad_click"}
+    assert load_bundle(run / "bundle") is not None
+
+
+def test_submit_exits_with_the_jobs_failure(local_cluster, tmp_path):
+    _, env, _ = local_cluster
+    done = mtrec(["submit", "train", "--", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r")], env)
+    assert done.returncode != 0
+    assert "FAILED" in done.stderr
+
+
+def test_down_stops_exactly_what_up_started(local_cluster):
+    state_dir, env, state = local_cluster
+    done = mtrec(["cluster", "down", "--grace", "20"], env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert all(cli.session_members(n["pid"]) == [] for n in state["nodes"])
+    assert stop_prometheus(state["prometheus"]["pid"]) is False  # no Prometheus runs with that pid any more
+    assert not (state_dir / cli.STATE_FILE).exists()
+    assert mtrec(["cluster", "status"], env).returncode == 1

@@ -80,11 +80,13 @@ def serve_config(
     state_path: str | None = None,
     autoscaling: dict[str, dict] | None = None,
     runtime_env: dict | None = None,
+    auth_token_env: str | None = None,
 ) -> dict[str, Any]:
     """The Serve config document of the app serving ``bundle`` (see the module docstring).
 
     ``prometheus_url`` None: the controller scrapes Ray's metrics endpoint directly (one node; use
     Prometheus on a cluster). ``autoscaling``: overrides of :data:`AUTOSCALING` per deployment.
+    ``auth_token_env``: the environment variable holding the bearer token of ``/v1/*`` (None: no auth).
     """
     from ray.serve.schema import DeploymentSchema, ServeDeploySchema
 
@@ -93,6 +95,8 @@ def serve_config(
         args["prometheus_url"] = prometheus_url
     if state_path:
         args["state_path"] = state_path
+    if auth_token_env:
+        args["auth_token_env"] = auth_token_env
     deployments = [{"name": "Ingress", "num_replicas": 1}]
     deployments += [{"name": d, "autoscaling_config": block} for d, block in autoscaling_blocks(autoscaling).items()]
     deployments.append({"name": "WeightController", "num_replicas": 1})

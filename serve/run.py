@@ -6,6 +6,7 @@
                 [--address ADDR]
     mtrec serve config --bundle B [--out FILE] [--rayservice] [--name mtrec] [--port 8000] [--host H]
                 [--prometheus URL] [--policy NAME] [--state-path P] [--autoscale Embedder.max_replicas=4 ...]
+                [--auth-token-env VAR]
 
 The first starts an embedded Ray on 127.0.0.1 (or joins ``--address``), deploys the app and blocks
 until Ctrl-C or SIGTERM, then shuts Serve (and the Ray it started) down. The second writes the
@@ -56,6 +57,7 @@ def write_config(argv: list[str]) -> int:
     p.add_argument("--name", default="mtrec")
     p.add_argument("--state-path", default=None, help="where the controller persists its state")
     p.add_argument("--autoscale", action="append", default=[], metavar="DEPLOYMENT.KEY=VALUE")
+    p.add_argument("--auth-token-env", default=None, help="env var holding the bearer token of /v1/* (default: none)")
     args = p.parse_args(argv)
     doc = serve_config(
         args.bundle,
@@ -66,6 +68,7 @@ def write_config(argv: list[str]) -> int:
         policy=args.policy,
         state_path=args.state_path,
         autoscaling=_autoscale(args.autoscale),
+        auth_token_env=args.auth_token_env,
     )
     text = yaml.safe_dump({"applications": doc["applications"]} if args.rayservice else doc, sort_keys=False)
     if args.out:

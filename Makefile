@@ -8,7 +8,7 @@ setup:
 	@scripts/setup.sh
 
 demo: setup
-	$(VENV) scripts/demo.sh
+	$(VENV) HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 mtrec demo $(DEMO_ARGS)
 
 lint: setup
 	$(VENV) ruff check . && ruff format --check .

@@ -51,7 +51,7 @@ def fmt(value: Any) -> str:
         a = abs(value)
         if a >= 1000:
             return f"{value:,.0f}"
-        return f"{value:.1f}" if a >= 100 else f"{value:.3f}" if a >= 0.01 else f"{value:.2g}"
+        return f"{value:.1f}" if a >= 10 else f"{value:.3f}" if a >= 0.01 else f"{value:.2g}"
     return str(value)
 
 
@@ -124,6 +124,62 @@ SECTIONS: dict[str, tuple[str, Callable[[dict], Iterator[Row]]]] = {
 }
 
 
+# The README's short table: (benchmark, figure, path); rows whose file or path is missing are left out.
+HEADLINES: list[tuple[str, str, Path_]] = [
+    ("data", "synthetic generator at 10M rows: rows/s", ("results", 1, "rows_per_s")),
+    ("data", "synthetic generator at 10M rows: peak RSS (MB)", ("results", 1, "peak_rss_mb")),
+    (
+        "model",
+        "MMoE forward+backward, frozen MiniLM vectors: samples/s",
+        ("results", "mmoe", "frozen_minilm_384d", "samples_per_s"),
+    ),
+    ("movielens", "MovieLens-100K click AUC, LLM-text MMoE", ("runs", "llm_text_mmoe", "click", "auc")),
+    ("movielens", "MovieLens-100K click AUC, best ID-only (PLE)", ("runs", "id_only_ple", "click", "auc")),
+    ("movielens", "MovieLens-100K cold-item click AUC, LLM-text MMoE", ("runs", "llm_text_mmoe", "click", "cold_auc")),
+    (
+        "movielens",
+        "MovieLens-100K cold-item click AUC, best ID-only (PLE)",
+        ("runs", "id_only_ple", "click", "cold_auc"),
+    ),
+    ("training", "Ray Train, frozen MiniLM vs ID-only samples/s", ("frozen_vs_id_only_1w",)),
+    ("training", "Ray Train 2-worker scaling efficiency, frozen MiniLM", ("scaling_efficiency_frozen",)),
+    ("quality", "e-commerce: largest gap to the oracle AUC over tasks", ("runs", -1, "max_gap")),
+    ("serving", "HTTP p50 at concurrency 8, full graph (ms)", ("http", "full", "8", "p50_ms")),
+    ("serving", "HTTP p50 at concurrency 8, echo floor (ms)", ("http", "echo", "8", "p50_ms")),
+    ("serving", "in-process model call, 100 candidates (ms)", ("in_process_ms",)),
+    ("policies", "bandit reward / oracle after the shift", ("table", "bandit", "after_median")),
+    ("policies", "static weights reward / oracle after the shift", ("table", "static", "after_median")),
+]
+README = OUT.parent / "README.md"
+README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def readme_block(results: Path = RESULTS) -> str:
+    """The table between the README's bench markers."""
+    lines = [README_START, "| figure | value | source |", "| --- | ---: | --- |"]
+    machines = set()
+    for name, label, path in HEADLINES:
+        f = results / f"{name}.json"
+        if not f.is_file():
+            continue
+        doc = json.loads(f.read_text())
+        try:
+            value = lookup(doc, path)
+        except KeyError:
+            continue
+        m = doc.get("machine", {})
+        machines.add(
+            f"{m.get('cpus', '?')} CPUs, {m.get('mem_gib', '?')} GiB, {'GPU ' + m['cuda'] if m.get('cuda') else 'no GPU'}"
+        )
+        lines.append(f"| {label} | {fmt(value)} | `{name}.json` `{show(path)}` |")
+    lines += [
+        "",
+        f"Measured on: {'; '.join(sorted(machines))}. Every figure: [BENCHMARKS.md](BENCHMARKS.md).",
+        README_END,
+    ]
+    return "\n".join(lines)
+
+
 def section(name: str, doc: dict) -> list[str]:
     title, rows = SECTIONS.get(name, (f"{name}", _headline))
     m = doc.get("machine", {})
@@ -155,7 +211,16 @@ def render(results: Path = RESULTS) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def readme_with_block(text: str) -> str:
+    """``text`` (the README) with its bench block regenerated; KeyError when the markers are missing."""
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        raise KeyError(f"{README}: no {README_START} ... {README_END} block")
+    return text[:start] + readme_block() + text[end + len(README_END) :]
+
+
 def write(out: Path = OUT) -> Path:
+    atomic_write_text(README, readme_with_block(README.read_text()))
     return atomic_write_text(out, render())
 
 

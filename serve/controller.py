@@ -232,7 +232,9 @@ def _limits(limits: dict[str, float] | None) -> Limits:
     return Limits(**(limits or {}))
 
 
-@ray.serve.deployment(num_replicas=1, max_ongoing_requests=256, health_check_period_s=5)
+@ray.serve.deployment(
+    num_replicas=1, max_ongoing_requests=256, health_check_period_s=5, ray_actor_options={"num_cpus": 0.1}
+)  # mostly idle: one metrics query per period
 class WeightController:
     """The Serve deployment of the agreed interface: ``decision()``, ``step()``, ``history(n)``.
 

@@ -36,3 +36,9 @@ def test_numbers_are_formatted_for_reading():
     assert report.fmt(0.90675) == "0.907"
     assert report.fmt(float("nan")) == "n/a"
     assert report.fmt(True) == "true"
+
+
+def test_the_readme_table_is_the_rendering_of_the_results_files():
+    text = report.README.read_text()
+    assert report.readme_with_block(text) == text, "README's bench table is stale: run `python -m bench.report`"
+    assert "| figure | value | source |" in text

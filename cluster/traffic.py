@@ -1,0 +1,191 @@
+"""Simulated users for a running service: real HTTP requests, feedback drawn from a synthetic ground truth.
+
+A synthetic dataset (:func:`mtrec.data.synthetic.generate`) knows, for every (user, item, context) row,
+the true probability of each task. :class:`SimulatedUsers` turns a user's rows into requests to
+``POST /v1/recommend`` (the rows' items are the candidates), and answers each item it is shown with
+events drawn along the task funnel from the TRUE probabilities (a click with p(click), a cart given the
+click with p(cart | click), ...), sent to ``POST /v1/feedback``. The service's controller sees that
+feedback through its metrics, as it would from real users. Used by the demo, the serving benchmark
+and the soak test; traffic goes only to the URL given (127.0.0.1 in every test).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from mtrec.data.contract import INTERACTIONS, read_tasks
+from mtrec.sim import conditional, load_pool
+
+
+@dataclass
+class TrafficReport:
+    """What a traffic run saw: requests sent and failed, latency, impressions and events per task."""
+
+    requests: int = 0
+    failed: int = 0
+    errors: dict[str, int] = field(default_factory=dict)  # "status 503" / exception name -> count
+    latencies_ms: list[float] = field(default_factory=list)
+    impressions: int = 0
+    events: dict[str, int] = field(default_factory=dict)
+    arms: dict[str, int] = field(default_factory=dict)  # arm -> requests it served
+    feedback_failed: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        lat = sorted(self.latencies_ms)
+        pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] if lat else float("nan")  # noqa: E731
+        return {
+            "requests": self.requests,
+            "failed": self.failed,
+            "errors": dict(self.errors),
+            "feedback_failed": self.feedback_failed,
+            "p50_ms": statistics.median(lat) if lat else float("nan"),
+            "p99_ms": pct(0.99),
+            "requests_per_s": self.requests / self.seconds if self.seconds else float("nan"),
+            "impressions": self.impressions,
+            "events": dict(self.events),
+            "rates": {t: n / max(1, self.impressions) for t, n in self.events.items()},
+            "arms": dict(self.arms),
+        }
+
+
+class SimulatedUsers:
+    """Users of a synthetic dataset sending requests and feedback to a service at ``url``.
+
+    ``tasks``: the binary funnel tasks whose events are drawn (default: every binary task whose parent
+    is among them). ``candidates`` items per request, ``k`` shown.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        url: str,
+        tasks: list[str] | None = None,
+        candidates: int = 20,
+        k: int = 5,
+        seed: int = 0,
+        timeout_s: float = 10.0,
+        token: str | None = None,
+    ) -> None:
+        root = Path(data_dir)
+        specs = read_tasks(root)
+        if tasks is None:
+            binary = {t.name for t in specs if t.kind == "binary"}
+            tasks = [t.name for t in specs if t.name in binary and (t.depends_on is None or t.depends_on in binary)]
+        self._pool = load_pool(root, tasks, candidates=candidates, seed=seed)
+        table = pq.read_table(root / INTERACTIONS, columns=["user_id", "item_id"])
+        self._users = table.column("user_id").to_numpy(zero_copy_only=False)
+        self._items = table.column("item_id").to_numpy(zero_copy_only=False)
+        self._cond = conditional(self._pool.truth, self._pool.parents)  # (N, T) p(task | parent)
+        self._url = url.rstrip("/")
+        self._k = k
+        self._timeout = timeout_s
+        self._headers = {"Content-Type": "application/json"}
+        if token:
+            self._headers["Authorization"] = f"Bearer {token}"
+        self._rng = np.random.default_rng([seed, 7])
+        self._lock = threading.Lock()
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self._pool.tasks)
+
+    def request_body(self, q: int) -> dict[str, Any]:
+        """The body of request ``q`` (a row of the pool's requests)."""
+        rows = self._pool.requests[q % len(self._pool.requests)]
+        return {
+            "user_id": _plain(self._users[rows[0]]),
+            "candidates": [_plain(self._items[r]) for r in rows],
+            "k": self._k,
+        }
+
+    def post(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """POST JSON; (status, parsed body). HTTP errors are returned, not raised."""
+        req = urllib.request.Request(self._url + path, json.dumps(body).encode(), self._headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=self._timeout) as resp:
+                return resp.status, json.loads(resp.read() or b"{}")
+        except urllib.error.HTTPError as e:
+            try:
+                detail = json.loads(e.read() or b"{}")
+            except ValueError:
+                detail = {}
+            return e.code, detail
+
+    def one(self, q: int, report: TrafficReport) -> None:
+        """Request ``q``, then feedback for every item shown."""
+        rows = self._pool.requests[q % len(self._pool.requests)]
+        start = time.perf_counter()
+        try:
+            status, body = self.post("/v1/recommend", self.request_body(q))
+        except (OSError, ValueError) as e:
+            status, body = -1, {"error": type(e).__name__}
+        ms = (time.perf_counter() - start) * 1000
+        with self._lock:
+            report.requests += 1
+            if status != 200:
+                report.failed += 1
+                key = f"status {status}" if status > 0 else body["error"]
+                report.errors[key] = report.errors.get(key, 0) + 1
+                return
+            report.latencies_ms.append(ms)
+            report.arms[body["arm"]] = report.arms.get(body["arm"], 0) + 1
+        row_of = {_plain(self._items[r]): r for r in rows}
+        for shown in body["items"]:
+            events = self._draw(row_of[shown["item_id"]])
+            with self._lock:
+                report.impressions += 1
+                for t, v in events.items():
+                    report.events[t] = report.events.get(t, 0) + int(v)
+            if any(events.values()):
+                status, _ = self.post(
+                    "/v1/feedback", {"request_id": body["request_id"], "item_id": shown["item_id"], "events": events}
+                )
+                if status != 200:
+                    with self._lock:
+                        report.feedback_failed += 1
+
+    def run(
+        self,
+        num_requests: int,
+        concurrency: int = 4,
+        start: int = 0,
+        progress: Callable[[TrafficReport], None] | None = None,
+    ) -> TrafficReport:
+        """Send ``num_requests`` requests (pool rows ``start``...) from ``concurrency`` threads."""
+        report = TrafficReport()
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(concurrency) as pool:
+            for i, fut in enumerate([pool.submit(self.one, start + q, report) for q in range(num_requests)]):
+                fut.result()
+                if progress is not None and (i + 1) % max(1, num_requests // 10) == 0:
+                    progress(report)
+        report.seconds = time.perf_counter() - t0
+        return report
+
+    def _draw(self, row: int) -> dict[str, int]:
+        """Funnel events of one shown item: each task fires with p(task | parent) once its parent fired."""
+        with self._lock:
+            u = self._rng.random(len(self._pool.tasks))
+        fired: list[bool] = []
+        for t, parent in enumerate(self._pool.parents):
+            fired.append((parent < 0 or fired[parent]) and bool(u[t] < self._cond[row, t]))
+        return {name: int(f) for name, f in zip(self._pool.tasks, fired)}
+
+
+def _plain(x: Any) -> Any:
+    """A numpy scalar as a JSON-friendly Python value."""
+    return x.item() if hasattr(x, "item") else x

@@ -7,7 +7,8 @@
 4. serve    the better of the two bundles on Ray Serve at http://127.0.0.1:PORT, the controller reading
             a real Prometheus when the binary is installed (else Ray's metrics endpoint directly);
 5. traffic  simulated users send requests and feedback drawn from the true probabilities; the
-            controller (``target`` policy: asks for more purchases) moves the fusion weights;
+            controller (``target`` policy: holds the purchase rate per impression near a target) moves
+            the fusion weights;
 6. summary  per-task test AUC, the best trial, serving latency, the weights before and after, and the
             plots (training curves, Pareto front, weight trajectory) in the output folder.
 
@@ -131,7 +132,7 @@ def stage_serve(bundle: Path, out: Path, port: int, prometheus_url: str | None, 
         "prometheus_url": prometheus_url,
         "policy": "target",
         "policy_params": {"targets": targets, "gain": 2.0},
-        "limits": {"min_events": 20, "max_step": 0.1, "smoothing": 0.5},
+        "limits": {"min_events": 10, "max_step": 0.1, "smoothing": 0.5},
         "state_path": str(out / "controller" / "state.json"),
         "period_s": 4.0,
         "window_s": 30.0,
@@ -145,7 +146,7 @@ def stage_serve(bundle: Path, out: Path, port: int, prometheus_url: str | None, 
 def stage_traffic(data: Path, url: str, requests: int, rounds: int = 6) -> tuple[dict[str, Any], list[dict]]:
     from cluster.traffic import SimulatedUsers
 
-    users = SimulatedUsers(data, url, candidates=20, k=5)
+    users = SimulatedUsers(data, url, tasks=["click", "add_to_cart", "purchase"], candidates=20, k=5)
     say(f"5/6 traffic: {requests} requests from simulated users ({', '.join(users.tasks)} feedback)")
     trajectory = [{"t": time.time(), **_weights(url)}]
     per_round = max(1, requests // rounds)
@@ -160,6 +161,7 @@ def stage_traffic(data: Path, url: str, requests: int, rounds: int = 6) -> tuple
     total = {
         "requests": sum(x.requests for x in reports),
         "failed": sum(x.failed for x in reports),
+        "errors": {k: sum(x.errors.get(k, 0) for x in reports) for k in {k for x in reports for k in x.errors}},
         "p50_ms": _median([v for x in reports for v in x.latencies_ms]),
         "p99_ms": _quantile([v for x in reports for v in x.latencies_ms], 0.99),
         "impressions": sum(x.impressions for x in reports),
@@ -183,7 +185,7 @@ def _quantile(xs: list[float], q: float) -> float:
 
 
 def purchase_targets(data: Path) -> dict[str, float]:
-    """Ask the controller for 1.5x the purchase rate of the training data (so it must lean to purchase)."""
+    """The controller's target: 1.5x the purchase rate per impression of the logged data."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 

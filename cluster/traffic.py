@@ -103,14 +103,18 @@ class SimulatedUsers:
     def tasks(self) -> list[str]:
         return list(self._pool.tasks)
 
+    def rows(self, q: int) -> dict[Any, int]:
+        """Request ``q``'s candidates: item id -> its pool row (a user meets an item more than once in
+        the data; a request names each item once, with its first row)."""
+        out: dict[Any, int] = {}
+        for r in self._pool.requests[q % len(self._pool.requests)]:
+            out.setdefault(_plain(self._items[r]), int(r))
+        return out
+
     def request_body(self, q: int) -> dict[str, Any]:
         """The body of request ``q`` (a row of the pool's requests)."""
-        rows = self._pool.requests[q % len(self._pool.requests)]
-        return {
-            "user_id": _plain(self._users[rows[0]]),
-            "candidates": [_plain(self._items[r]) for r in rows],
-            "k": self._k,
-        }
+        rows = self.rows(q)
+        return {"user_id": _plain(self._users[next(iter(rows.values()))]), "candidates": list(rows), "k": self._k}
 
     def post(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """POST JSON; (status, parsed body). HTTP errors are returned, not raised."""
@@ -127,7 +131,7 @@ class SimulatedUsers:
 
     def one(self, q: int, report: TrafficReport) -> None:
         """Request ``q``, then feedback for every item shown."""
-        rows = self._pool.requests[q % len(self._pool.requests)]
+        row_of = self.rows(q)
         start = time.perf_counter()
         try:
             status, body = self.post("/v1/recommend", self.request_body(q))
@@ -143,7 +147,6 @@ class SimulatedUsers:
                 return
             report.latencies_ms.append(ms)
             report.arms[body["arm"]] = report.arms.get(body["arm"], 0) + 1
-        row_of = {_plain(self._items[r]): r for r in rows}
         for shown in body["items"]:
             events = self._draw(row_of[shown["item_id"]])
             with self._lock:

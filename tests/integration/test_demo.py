@@ -1,0 +1,59 @@
+"""The README's main command in its reduced mode, end to end: every stage on a real Ray, real HTTP
+through Ray Serve, a real Prometheus when the Debian binary is installed (as in CI).
+
+The demo runs in its own process with its own embedded Ray (it starts and stops everything itself,
+Serve included, which must not touch the session cluster other tests share)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cluster.ray_env import free_port
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    cmd = [sys.executable, "-m", "cluster.demo", "--quick", "--out", str(out), "--port", str(free_port())]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=os.environ.copy())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, json.loads((out / "summary.json").read_text()), proc.stdout
+
+
+def test_every_stage_ran_and_the_summary_is_sane(demo):
+    out, s, stdout = demo
+    assert set(s["test_auc"]) == {"click", "add_to_cart", "purchase", "ad_click"}
+    assert all(0.55 < auc <= 1.0 for auc in s["test_auc"].values()), s["test_auc"]  # well above chance
+    t = s["tune"]
+    assert t["trials"] == 2 and t["best"] and t["best_score"] >= t["baseline_score"]
+    v = s["serving"]
+    assert v["requests"] == 300 and v["failed"] == 0, v
+    assert 0 < v["p50_ms"] <= v["p99_ms"]
+    assert v["impressions"] == 5 * v["requests"] and v["events"]["click"] > 0
+    for p in s["plots"]:
+        assert os.path.getsize(p) > 0, p
+    assert "ray-mtrec demo finished" in stdout and "weights after:" in stdout
+
+
+def test_the_controller_moved_the_weights_from_the_feedback(demo):
+    _, s, _ = demo
+    before, after = s["weights_before"], s["weights_after"]
+    assert set(before) == set(after) and abs(sum(after.values()) - 1) < 1e-6
+    assert max(abs(after[t] - before[t]) for t in before) > 0.01, (before, after, s["controller_reason"])
+    assert "purchase" in s["controller_reason"]  # the target policy's reason names the rate it holds
+
+
+def test_the_demo_left_nothing_running(demo):
+    out, s, _ = demo
+    import urllib.request
+
+    with pytest.raises(OSError):
+        urllib.request.urlopen(s["url"] + "/healthz", timeout=3)
+    if s["prometheus"]:
+        with pytest.raises(OSError):
+            urllib.request.urlopen(s["prometheus"] + "/-/ready", timeout=3)

@@ -63,15 +63,29 @@ def ensure_ray(
     kwargs = {}
     if metrics_export_port:
         kwargs["_metrics_export_port"] = metrics_export_port
-    ray.init(
-        address="local",
-        num_cpus=num_cpus or max(4, os.cpu_count() or 1),
-        object_store_memory=object_store_mb * 1024**2,
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=free_port(DASHBOARD_PORT),  # Ray's usual port, unless another Ray holds it
-        **kwargs,
-    )
+    # Ray processes that look their cluster up by themselves (Train's placement-group cleaner uses the
+    # State API) would find several on a shared host and fail: fix the GCS port and hand every process
+    # of this cluster its address through the environment it inherits from the raylet.
+    gcs = free_port()
+    pinned = {"RAY_GCS_SERVER_PORT": str(gcs), "RAY_ADDRESS": f"127.0.0.1:{gcs}"}
+    saved = {k: os.environ.get(k) for k in pinned}
+    os.environ.update(pinned)
+    try:
+        ray.init(
+            address="local",
+            num_cpus=num_cpus or max(4, os.cpu_count() or 1),
+            object_store_memory=object_store_mb * 1024**2,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=free_port(DASHBOARD_PORT),  # Ray's usual port, unless another Ray holds it
+            **kwargs,
+        )
+    finally:  # this process must not take the address for one to join once the cluster is gone
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -76,3 +76,20 @@ def test_mtrec_core_never_imports_ray():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "ok"
+
+
+def test_the_readme_documents_every_config_field():
+    import dataclasses
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    cfg = Config()
+    for section in dataclasses.fields(cfg):
+        value = getattr(cfg, section.name)
+        names = (
+            [f"{section.name}.{f.name}" for f in dataclasses.fields(value)]
+            if dataclasses.is_dataclass(value)
+            else [section.name]
+        )
+        for name in names:
+            assert f"`{name}`" in readme, f"README's configuration table lacks {name}"

@@ -1,0 +1,117 @@
+"""The whole loop through the real app: HTTP recommendations and feedback -> the Ingress's metrics ->
+Ray's metrics port -> a real Prometheus -> the WeightController -> the weights the Ingress serves.
+
+Feedback clicks on far fewer impressions than the click target asks for, so the target policy must
+raise the click weight; with Prometheus stopped, the weights hold and requests keep succeeding."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+
+import pyarrow.parquet as pq
+import pytest
+
+pytestmark = pytest.mark.timeout(300)
+
+APP = "mtrec-feedback-test"
+PREFIX = "/feedback-test"
+PERIOD_S = 1.5
+QUARTER = {"ray_actor_options": {"num_cpus": 0.25}}
+PINNED = {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 8}
+
+
+def post(url: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def weights(url: str) -> dict:
+    with urllib.request.urlopen(url + "/v1/weights", timeout=30) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture(scope="module")
+def app(ray_cluster, serve_http, serve_bundle, prometheus_server, tmp_path_factory):
+    import ray.serve
+
+    from serve.app import AppArgs, graph
+
+    bundle, data = serve_bundle
+    args = AppArgs(
+        bundle=str(bundle),
+        prometheus_url=prometheus_server.url,
+        policy="target",
+        policy_params={"targets": {"click": 0.5}, "gain": 2.0},
+        limits={"min_events": 5, "max_step": 0.1, "smoothing": 0.0},
+        state_path=str(tmp_path_factory.mktemp("feedback") / "state.json"),
+        period_s=PERIOD_S,
+        window_s=30.0,
+    )
+    options = {
+        "Embedder": {**QUARTER, "autoscaling_config": PINNED},
+        "TaskHeads": {**QUARTER, "autoscaling_config": PINNED},
+    }
+    ray.serve.run(
+        graph(args, {**options, "Ingress": QUARTER, "WeightController": QUARTER}), name=APP, route_prefix=PREFIX
+    )
+    items = [r["item_id"] for r in pq.read_table(data / "items.parquet", columns=["item_id"]).to_pylist()]
+    yield serve_http + PREFIX, items
+    ray.serve.delete(APP)
+
+
+def traffic(url: str, items: list, requests: int, click_every: int) -> int:
+    """``requests`` recommendations of 5 items; a click on the top item of every ``click_every``-th.
+    Returns the number of requests that did not answer 200."""
+    failed = 0
+    for q in range(requests):
+        status, body = post(url + "/v1/recommend", {"user_id": q % 50 + 1, "candidates": items[:20], "k": 5})
+        if status != 200:
+            failed += 1
+            continue
+        if q % click_every == 0:
+            top = body["items"][0]["item_id"]
+            status, _ = post(
+                url + "/v1/feedback", {"request_id": body["request_id"], "item_id": top, "events": {"click": 1}}
+            )
+            failed += status != 200
+    return failed
+
+
+def test_feedback_over_http_moves_the_weights_and_they_hold_without_prometheus(app, prometheus_server):
+    from cluster.prometheus import start_prometheus, stop_prometheus
+
+    url, items = app
+    start = weights(url)
+    click0 = start["weights"][start["main"]]["click"]
+
+    # click rate 1 in 50 impressions (one click per 10 requests of 5) against a target of 0.5: click must gain
+    deadline, moved = time.monotonic() + 120, None
+    while time.monotonic() < deadline and moved is None:
+        assert traffic(url, items, 20, click_every=10) == 0
+        d = weights(url)
+        if d["version"] > start["version"] and d["weights"][d["main"]]["click"] > click0 + 0.05:
+            moved = d
+    assert moved is not None, f"the click weight did not rise from {click0:.3f}: {weights(url)}"
+    assert "click" in moved["reason"] and "vs targets" in moved["reason"]
+
+    assert stop_prometheus(prometheus_server.data_dir)
+    try:
+        deadline = time.monotonic() + 30
+        while weights(url)["action"] != "hold":
+            assert time.monotonic() < deadline, "the controller did not hold without Prometheus"
+            time.sleep(0.5)
+        held = weights(url)
+        assert traffic(url, items, 20, click_every=10) == 0  # requests keep succeeding
+        time.sleep(3 * PERIOD_S)
+        later = weights(url)
+        assert later["weights"] == held["weights"] and later["version"] == held["version"]
+        assert later["staleness_s"] > held["staleness_s"]
+    finally:
+        start_prometheus(prometheus_server.config, prometheus_server.port, prometheus_server.data_dir)

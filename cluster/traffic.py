@@ -154,9 +154,11 @@ class SimulatedUsers:
                 for t, v in events.items():
                     report.events[t] = report.events.get(t, 0) + int(v)
             if any(events.values()):
-                status, _ = self.post(
-                    "/v1/feedback", {"request_id": body["request_id"], "item_id": shown["item_id"], "events": events}
-                )
+                feedback = {"request_id": body["request_id"], "item_id": shown["item_id"], "events": events}
+                try:
+                    status, _ = self.post("/v1/feedback", feedback)
+                except (OSError, ValueError):  # a timeout or dropped connection: counted, never raised
+                    status = -1
                 if status != 200:
                     with self._lock:
                         report.feedback_failed += 1

@@ -6,10 +6,14 @@
                              \\-> TaskHeads        prepared requests -> per-task predictions (batched)
                              \\-> WeightController fusion weights per arm, moved by live feedback
 
-``build_app(args)`` validates ``args`` as :class:`AppArgs`. Embedder and TaskHeads autoscale with
-the defaults of :data:`serve.config.AUTOSCALING` (a Serve config's ``deployments`` override them).
-The controller reads feedback from Prometheus when ``prometheus_url`` is given, else by scraping
-Ray's metrics endpoint (``metrics_url``, or the head node's export port when Ray runs here).
+``build_app(args)`` validates ``args`` as :class:`AppArgs` and loads the bundle once, as the
+replicas will (:func:`mtrec.bundle.load_bundle`): a missing, corrupt or incompatible bundle is a
+BundleError naming the file before anything is deployed, so a bad bundle offered to a running app
+(``serve.run``, ``serve deploy``, a RayService update: each calls this builder first) never replaces
+it. Embedder and TaskHeads autoscale with the defaults of :data:`serve.config.AUTOSCALING` (a Serve
+config's ``deployments`` override them). The controller reads feedback from Prometheus when
+``prometheus_url`` is given, else by scraping Ray's metrics endpoint (``metrics_url``, or the head
+node's export port when Ray runs here).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import ray
 import ray.serve
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from mtrec.bundle import load_bundle
 from mtrec.errors import ConfigError
 from mtrec.serving import Catalog
 from serve.config import AUTOSCALING
@@ -70,7 +75,11 @@ def graph(args: AppArgs, options: dict[str, dict[str, Any]] | None = None) -> ra
 
     if not Path(args.bundle).is_dir():
         raise ConfigError(f"bundle: {args.bundle} is not a directory")
-    catalog = Catalog.load(args.bundle)
+    # Every check the replicas will run (checksums, version, weight shapes), before Serve sees the app:
+    # a bad bundle raises here, so a redeploy never replaces a serving app with one that cannot start.
+    bundle = load_bundle(args.bundle)
+    catalog = Catalog(bundle.cfg, bundle.meta)
+    del bundle
     options = options or {}
     unknown = sorted(set(options) - {"Ingress", "Embedder", "TaskHeads", "WeightController"})
     if unknown:

@@ -16,7 +16,8 @@ that reaches another replica is refused with a 404.
 
 Every client error is a 4xx with a message: malformed JSON, a wrong type, an unknown field, NaN
 (422), a configured limit (422), a body over ``max_body_bytes`` (413) or without a length (411), a
-bad bearer token (401), an unknown request id (404). Model-side failures answer 503.
+bad bearer token (401), an unknown request id (404). Model-side failures answer 503; a model call
+whose replica died is sent once more (to another replica) before that.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI reads the endpoints' annotations at run
@@ -139,6 +140,17 @@ def _item_id(c: CandidateIn | int | str) -> int | str:
     return c.item_id if isinstance(c, CandidateIn) else c
 
 
+async def _model_call(method: Any, *args: Any) -> Any:
+    """``method.remote(*args)`` within :data:`CALL_TIMEOUT_S`, sent once more when the replica that
+    took it died: Serve's router drops a dead replica but does not resend what it had in flight, and
+    the model calls are pure, so a second try on another replica is safe (a timeout is not retried)."""
+    try:
+        return await asyncio.wait_for(method.remote(*args), CALL_TIMEOUT_S)
+    except ray.exceptions.RayActorError as e:
+        logger.warning("Ingress: a model replica died during a call (%s); sending it again", type(e).__name__)
+        return await asyncio.wait_for(method.remote(*args), CALL_TIMEOUT_S)
+
+
 def _set_body_limit(max_bytes: int) -> None:
     """Set the guard's body limit in this process. (A function: Serve ships the Ingress class by value
     with copies of the objects it names, so the class must not assign module state itself.)"""
@@ -199,12 +211,12 @@ class Ingress:
         try:
             vectors = None
             if prepared.texts:
-                vectors = await asyncio.wait_for(self._embedder.embed.remote(prepared.texts), CALL_TIMEOUT_S)
+                vectors = await _model_call(self._embedder.embed, prepared.texts)
                 m.observe_latency("embed", 1000 * (time.perf_counter() - t))
             t = time.perf_counter()
-            preds = await asyncio.wait_for(self._heads.predict.remote((prepared, vectors)), CALL_TIMEOUT_S)
+            preds = await _model_call(self._heads.predict, (prepared, vectors))
             if self._scales is None:
-                self._scales = await asyncio.wait_for(self._heads.scales.remote(), CALL_TIMEOUT_S)
+                self._scales = await _model_call(self._heads.scales)
         except (asyncio.TimeoutError, ray.exceptions.RayError) as e:
             raise HTTPException(503, f"the model is unavailable ({type(e).__name__}); retry later") from e
         m.observe_latency("heads", 1000 * (time.perf_counter() - t))

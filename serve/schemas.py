@@ -13,6 +13,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from mtrec.encoders.text import clean_text
+
 MAX_ID_CHARS = 256
 MAX_K = 1000
 MAX_HISTORY = 1000  # ids accepted in a history (the model reads the last max_history of them)
@@ -98,6 +100,10 @@ def check_limits(body: ScoreBody, limits: Limits) -> str | None:
     for where, text in texts:
         if text is not None and len(text) > limits.max_text_chars:
             return f"{where}: {len(text)} characters; at most {limits.max_text_chars}"
+        # A text that cleans to nothing would fail in the Embedder, and with it every request batched
+        # with this one: refuse it here, as the client's error.
+        if text is not None and not clean_text(text, limits.max_text_chars):
+            return f"{where}: {text[:40]!r} holds no words (only spaces or control characters)"
     seen: set[str] = set()
     for i, c in enumerate(body.candidates):
         key = str(c.item_id if isinstance(c, CandidateIn) else c)

@@ -185,12 +185,13 @@ def _quantile(xs: list[float], q: float) -> float:
 
 
 def purchase_targets(data: Path) -> dict[str, float]:
-    """The controller's target: 1.5x the purchase rate per impression of the logged data."""
+    """The controller's target: 2.5x the purchase rate per impression of the logged data (the shop
+    wants more purchases than the logged traffic made; the priors' ranking reaches about 1.9x)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     rate = pc.mean(pq.read_table(data / "interactions.parquet", columns=["purchase"]).column("purchase")).as_py()
-    return {"purchase": 1.5 * rate}
+    return {"purchase": 2.5 * rate}
 
 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:

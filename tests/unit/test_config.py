@@ -93,3 +93,12 @@ def test_the_readme_documents_every_config_field():
         )
         for name in names:
             assert f"`{name}`" in readme, f"README's configuration table lacks {name}"
+
+
+def test_test_modules_have_unique_basenames():
+    """pytest imports test modules by basename (no packages): two with one name break collection."""
+    from collections import Counter
+    from pathlib import Path
+
+    names = Counter(p.name for p in (Path(__file__).resolve().parents[1]).rglob("test_*.py"))
+    assert not [n for n, c in names.items() if c > 1]

@@ -1,8 +1,12 @@
 """The trained-model bundle that serving loads: safetensors for tensors, JSON for everything else.
 
-``bundle.json``          format, version, the run's config, and the sha256 of every other file
+``bundle.json``          format, version, the run's config, and the sha256 of every other file;
+                         with LoRA adapters also ``encoder_base``: the base model's name, revision
+                         and weights digest (:meth:`~mtrec.encoders.TextEncoder.base_digest`)
 ``meta.json``            :class:`~mtrec.features.FeatureMeta`: tasks, vocabularies, feature statistics
-``model.safetensors``    the model's state dict (in finetune mode with the language model's weights)
+``model.safetensors``    the model's state dict; with ``encoder.finetune=top_layers`` it holds the whole
+                         language model, with ``encoder.finetune=lora`` only its adapters: the base is
+                         loaded by name again and must have the recorded digest
 ``vectors.safetensors``  ``item_vectors`` (num_items + 1, D), ``context_vectors`` (num_contexts + 1, D)
                          when the data has contexts; absent for an ID-only model
 ``items.json``           ``item_ids``: the raw id of item index i + 1 is ``item_ids[i]``
@@ -71,6 +75,11 @@ def save_bundle(
     (None: taken from the model, which in finetune mode encodes every item with its trained layers).
     """
     m: MultiTaskModel = getattr(model, "module", model)
+    state = m.state_dict()
+    base: dict[str, Any] | None = None
+    if _lora(cfg):
+        state = {k: v for k, v in state.items() if not _is_base(k)}  # the base is loaded by name again
+        base = {"name": cfg.encoder.name, "revision": cfg.encoder.revision, "sha256": m.encoder.base_digest()}
     if cfg.encoder.mode != "none":
         text = m.item_tower.text
         item_vectors = item_vectors if item_vectors is not None else text.table(m.encoder)
@@ -81,7 +90,7 @@ def save_bundle(
                 f"item_vectors has {item_vectors.shape[0]} rows; expected {len(item_ids) + 1} (item_ids + row 0)"
             )
     with atomic_dir(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous().clone() for k, v in m.state_dict().items()}, tmp / WEIGHTS)
+        save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, tmp / WEIGHTS)
         if item_vectors is not None:
             vectors = {"item_vectors": item_vectors}
             if context_vectors is not None:
@@ -91,13 +100,16 @@ def save_bundle(
         (tmp / ITEMS).write_text(json.dumps({"item_ids": list(item_ids)}))
         files = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
         manifest = {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "config": cfg.to_dict(), "files": files}
+        if base is not None:
+            manifest["encoder_base"] = base
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return Path(path)
 
 
 def load_bundle(path: str | Path, encoder: TextEncoder | None = None, device: str | torch.device = "cpu") -> Bundle:
-    """Load and check a bundle. ``encoder``: the language model skeleton of a finetune-mode bundle
-    (default: built from the bundle's config; its weights come from the bundle)."""
+    """Load and check a bundle. ``encoder``: the language model of a finetune-mode bundle (default:
+    built from the bundle's config). With ``top_layers`` its weights come from the bundle; with
+    ``lora`` its base weights must be the ones the adapters were trained on, else a BundleError."""
     root = Path(path)
     manifest = _json(root / MANIFEST)
     if manifest.get("format") != BUNDLE_FORMAT or manifest.get("version") != BUNDLE_VERSION:
@@ -135,11 +147,51 @@ def load_bundle(path: str | Path, encoder: TextEncoder | None = None, device: st
             encoder if cfg.encoder.mode == "finetune" else None,
             vectors.get("context_vectors") if cfg.encoder.mode == "frozen" else None,
         )
-        model.load_state_dict(_tensors(root / WEIGHTS), strict=True)
+        if _lora(cfg):
+            _check_base(root / MANIFEST, manifest.get("encoder_base"), model.encoder)
+            _load_adapters_and_heads(model, _tensors(root / WEIGHTS))
+        else:
+            model.load_state_dict(_tensors(root / WEIGHTS), strict=True)
+    except BundleError:
+        raise
     except (MtrecError, RuntimeError, ValueError) as e:
         raise BundleError(f"{root / WEIGHTS}: does not fit the model the bundle's config describes: {e}") from e
     model.to(device).eval()
     return Bundle(root, cfg, meta, model, vectors.get("item_vectors"), vectors.get("context_vectors"), item_ids)
+
+
+def _lora(cfg: Config) -> bool:
+    return cfg.encoder.mode == "finetune" and cfg.encoder.finetune == "lora"
+
+
+def _is_base(key: str) -> bool:
+    """A state-dict key of the language model's own (frozen) weights, not of a LoRA adapter."""
+    return key.startswith("encoder.") and "lora_" not in key
+
+
+def _check_base(manifest: Path, recorded: Any, encoder: TextEncoder) -> None:
+    """The encoder's base weights must be those the bundle's adapters were trained on."""
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("sha256"), str):
+        raise BundleError(f"{manifest}: a LoRA bundle needs 'encoder_base' with the base model's sha256")
+    found = encoder.base_digest()
+    if found != recorded["sha256"]:
+        raise BundleError(
+            f"{manifest}: the LoRA adapters were trained on base model {recorded.get('name')!r} "
+            f"(revision {recorded.get('revision')!r}) with weights sha256 {recorded['sha256'][:16]}..., but the "
+            f"encoder loaded now ({encoder.model_id}) has weights sha256 {found[:16]}...; load the same base model"
+        )
+
+
+def _load_adapters_and_heads(model: MultiTaskModel, state: dict[str, Tensor]) -> None:
+    """Everything but the language model's base weights, which must be all that is left out."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    not_base = [k for k in missing if not _is_base(k)]
+    stray_base = [k for k in state if _is_base(k)]
+    if not_base or unexpected or stray_base:
+        raise ValueError(
+            f"missing {not_base[:5]} ({len(not_base)} in all), unexpected {unexpected[:5]} ({len(unexpected)} in all), "
+            f"base weights that a LoRA bundle must not hold {stray_base[:5]} ({len(stray_base)} in all)"
+        )
 
 
 def _sha256(path: Path) -> str:

@@ -66,10 +66,35 @@ class EncoderConfig:
     mode: Literal["frozen", "finetune", "none"] = "frozen"  # none: ID-only model, no text
     pooling: Literal["mean", "cls", "last"] = "mean"
     max_length: int = 64
-    finetune_layers: int = 2  # top layers trained in finetune mode
+    # finetune mode: the top `finetune_layers` layers train whole (top_layers), or only LoRA adapters
+    # on their projections train (lora; Hu et al., ICLR 2022) while the base weights stay frozen
+    finetune: Literal["top_layers", "lora"] = "top_layers"
+    finetune_layers: int = 2
+    lora_rank: int = 8
+    lora_alpha: float = 16.0  # adapter output scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0
+    # projections that get adapters; []: the architecture's attention query and value projections
+    lora_targets: list[str] = field(default_factory=list)
+    bf16: bool = True  # bfloat16 autocast of the language model on a GPU; no effect on the CPU
     batch_size: int = 64
     prompt: str = "{text}"  # template around the item text (decoders: a closing phrase helps)
     cache_dir: str = ""  # frozen-mode vector cache; "" means ~/.cache/mtrec/vectors
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("max_length", self.max_length >= 2, "at least 2"),
+            ("batch_size", self.batch_size >= 1, "at least 1"),
+            ("finetune_layers", self.finetune_layers >= 0, "0 or more"),
+            ("lora_rank", self.lora_rank >= 1, "at least 1"),
+            ("lora_alpha", self.lora_alpha > 0, "positive"),
+            ("lora_dropout", 0.0 <= self.lora_dropout < 1.0, "in [0, 1)"),
+            ("lora_targets", all(t and "." not in t for t in self.lora_targets), "module names without dots"),
+        ]
+        if self.mode == "finetune" and self.finetune == "lora":
+            checks.append(("finetune_layers", self.finetune_layers >= 1, "at least 1 with encoder.finetune=lora"))
+        for key, ok, wanted in checks:
+            if not ok:
+                raise ConfigError(f"encoder.{key}={getattr(self, key)!r}: must be {wanted}")
 
 
 @dataclass

@@ -3,7 +3,7 @@ pooled to one vector per text, with an on-disk vector cache and LoRA adapters fo
 
 from mtrec.encoders.cache import VectorStore, encode_cached
 from mtrec.encoders.encoder import POOLINGS, TextEncoder, find_layer_stack, pool
-from mtrec.encoders.lora import apply_lora, load_lora_state_dict, lora_state_dict
+from mtrec.encoders.lora import apply_lora, default_lora_targets, load_lora_state_dict, lora_state_dict
 from mtrec.encoders.registry import ENCODERS, cache_root, resolve_model_path
 from mtrec.encoders.text import clean_text, clean_texts
 
@@ -16,6 +16,7 @@ __all__ = [
     "cache_root",
     "clean_text",
     "clean_texts",
+    "default_lora_targets",
     "encode_cached",
     "find_layer_stack",
     "load_lora_state_dict",

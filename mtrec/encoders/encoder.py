@@ -5,10 +5,16 @@ no pad token, so EOS pads; padding goes on the right, where a causal model's rea
 Pooling reads the attention mask, so it is right for either padding side. Last-token pooling of a
 decoder, with a closing phrase in the prompt that asks for a summary, follows HLLM (Chen et al.,
 "HLLM: Enhancing Sequential Recommendations via Hierarchical Large Language Models", 2024).
+
+Fine-tuning (:meth:`TextEncoder.prepare_finetuning`) trains either the top layers whole or LoRA
+adapters on their projections (:mod:`mtrec.encoders.lora`); everything else has ``requires_grad``
+False, so DistributedDataParallel leaves it out of the gradient all-reduce. On a GPU the model can
+run under bfloat16 autocast; on the CPU that setting changes nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sys
@@ -101,6 +107,7 @@ class TextEncoder(nn.Module):
         prompt: str = "{text}",
         model_id: str | None = None,
         max_chars: int = 2000,
+        bf16: bool = False,
     ):
         super().__init__()
         if pooling not in POOLINGS:
@@ -113,6 +120,7 @@ class TextEncoder(nn.Module):
         self.max_chars = max_chars
         self._max_length = max_length
         self._prompt = prompt
+        self._bf16 = bf16
         self.lora: dict[str, Any] | None = None  # set by mtrec.encoders.lora.apply_lora
         self._model_id = model_id or f"{model.config.name_or_path or model.config.model_type}@local"
         self._causal = _is_causal(model)
@@ -132,8 +140,8 @@ class TextEncoder(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: EncoderConfig) -> TextEncoder:
-        """Load ``cfg.name`` offline (see :func:`resolve_model_path`); freeze it, or unfreeze the top
-        ``cfg.finetune_layers`` layers in ``finetune`` mode."""
+        """Load ``cfg.name`` offline (see :func:`resolve_model_path`) and prepare it for ``cfg.mode``
+        (:meth:`prepare_finetuning`)."""
         if cfg.mode == "none":
             raise ConfigError("encoder.mode is 'none' (an ID-only model): there is no text encoder to build")
         from transformers import AutoModel, AutoTokenizer
@@ -144,8 +152,16 @@ class TextEncoder(nn.Module):
             model = AutoModel.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError) as e:
             raise ConfigError(f"encoder.name {cfg.name!r}: cannot load a model and tokenizer from {path}: {e}") from e
-        enc = cls(model, tokenizer, cfg.pooling, cfg.max_length, cfg.prompt, model_id=f"{cfg.name}@{cfg.revision}")
-        enc.set_trainable_top_layers(cfg.finetune_layers if cfg.mode == "finetune" else 0)
+        enc = cls(
+            model,
+            tokenizer,
+            cfg.pooling,
+            cfg.max_length,
+            cfg.prompt,
+            model_id=f"{cfg.name}@{cfg.revision}",
+            bf16=cfg.bf16,
+        )
+        enc.prepare_finetuning(cfg)
         return enc
 
     @property
@@ -170,9 +186,10 @@ class TextEncoder(nn.Module):
     def fingerprint(self) -> str:
         """sha256 over the model id, the text settings and a sample of every parameter tensor (its
         first and last 64 values): changes when the weights are fine-tuned or swapped, in milliseconds."""
-        h = hashlib.sha256(
-            json.dumps([self._model_id, self.pooling, self._max_length, self._prompt, self.max_chars]).encode()
-        )
+        settings: list[Any] = [self._model_id, self.pooling, self._max_length, self._prompt, self.max_chars]
+        if self._autocast_on(next(self.model.parameters()).device):
+            settings.append("bf16")  # other numbers than float32: other cache entries
+        h = hashlib.sha256(json.dumps(settings).encode())
         for name, p in self.model.named_parameters():
             flat = p.detach().reshape(-1)
             h.update(f"{name}{tuple(p.shape)}".encode())
@@ -221,8 +238,14 @@ class TextEncoder(nn.Module):
                 (attention_mask[:, 0] == 0).any()
             ):  # left padding: count positions from each row's first real token
                 extra["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra)
+        amp = self._autocast_on(input_ids.device)
+        with torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext():
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra)
         return pool(out.last_hidden_state, attention_mask, self.pooling)
+
+    def _autocast_on(self, device: torch.device) -> bool:
+        """bfloat16 autocast: asked for, and on a GPU (on the CPU the model stays float32)."""
+        return self._bf16 and device.type == "cuda"
 
     @torch.no_grad()
     def encode(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> torch.Tensor:
@@ -251,6 +274,52 @@ class TextEncoder(nn.Module):
         return out
 
     # ------------------------------------------------------------------------------ fine-tuning
+
+    def prepare_finetuning(self, cfg: EncoderConfig) -> None:
+        """Make trainable exactly what ``cfg`` fine-tunes, and freeze the rest.
+
+        ``frozen`` / ``none`` mode: nothing trains. ``finetune`` with ``finetune=top_layers``: the top
+        ``cfg.finetune_layers`` layers (:meth:`set_trainable_top_layers`); with ``finetune=lora``:
+        rank ``cfg.lora_rank`` adapters on the ``cfg.lora_targets`` projections of those layers
+        (default: the attention query and value), and only the adapters. Calling it again with the
+        same config changes nothing; a config asking for other adapters than the encoder carries is
+        a ConfigError.
+        """
+        from mtrec.encoders.lora import apply_lora, default_lora_targets
+
+        if cfg.mode != "finetune" or cfg.finetune == "top_layers":
+            if self.lora is not None:
+                raise ConfigError(
+                    f"{self._model_id} carries LoRA adapters {self.lora}, but encoder.mode={cfg.mode!r} "
+                    f"encoder.finetune={cfg.finetune!r} does not train them; build a fresh encoder"
+                )
+            self.set_trainable_top_layers(cfg.finetune_layers if cfg.mode == "finetune" else 0)
+            return
+        wanted = {
+            "r": cfg.lora_rank,
+            "alpha": cfg.lora_alpha,
+            "target": list(cfg.lora_targets or default_lora_targets(self)),
+            "top_layers": cfg.finetune_layers,
+            "dropout": cfg.lora_dropout,
+        }
+        if self.lora is None:
+            apply_lora(self, **{**wanted, "target": tuple(wanted["target"])})
+        elif self.lora != wanted:
+            raise ConfigError(f"{self._model_id} carries LoRA adapters {self.lora}; the config asks for {wanted}")
+        for name, p in self.model.named_parameters():
+            p.requires_grad_("lora_" in name)
+
+    def base_digest(self) -> str:
+        """sha256 over every weight of the base model (names, shapes, dtypes and all bytes), LoRA
+        adapters left out and named as before they were added: which base a set of adapters needs."""
+        h = hashlib.sha256()
+        for name, p in self.model.named_parameters():
+            if "lora_" in name:
+                continue
+            t = p.detach().cpu().contiguous()
+            h.update(f"{name.replace('.base_layer.', '.')}{tuple(t.shape)}{t.dtype}".encode())
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        return h.hexdigest()
 
     def set_trainable_top_layers(self, k: int) -> None:
         """Train the top ``k`` transformer layers (and the norm after them); freeze the rest.

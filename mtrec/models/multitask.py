@@ -155,7 +155,7 @@ def build_model(
         raise ConfigError(f"encoder.mode: {mode!r} is not one of 'frozen', 'finetune', 'none'")
     if encoder is None:
         raise ConfigError("encoder.mode=finetune needs a TextEncoder")
-    encoder.set_trainable_top_layers(cfg.encoder.finetune_layers)
+    encoder.prepare_finetuning(cfg.encoder)
     items = token_table(encoder, meta.item_texts, meta.num_items + 1, cfg.encoder.max_length)
     ctx = None
     if has_context:

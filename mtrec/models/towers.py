@@ -108,7 +108,10 @@ class TextVectors(nn.Module):
             raise ValueError("TextVectors needs a vector table (frozen) or a token table (finetune)")
         ok = len(sample) > 1  # else placeholders (a model about to load a bundle)
         self.register_buffer("mean", sample.mean(0) if ok else torch.zeros(dim))
-        self.register_buffer("std", sample.std(0).clamp(min=1e-6) if ok else torch.ones(dim))
+        # a near-constant dimension (MiniLM has one with std ~1e-32) would blow up any vector that moves
+        # along it (fine-tuning, a cold item's text): floor each std at 1% of the median dimension's
+        std = sample.std(0) if ok else torch.ones(dim)
+        self.register_buffer("std", std.clamp(min=max(1e-6, 0.01 * float(std.median()))) if ok else std)
 
     @torch.no_grad()
     def table(self, encoder: TextEncoder | None = None, batch_size: int = 256) -> Tensor:

@@ -8,6 +8,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from mtrec.bundle import MANIFEST, META, VECTORS, WEIGHTS, load_bundle, save_bundle
 from mtrec.config import Config
@@ -136,3 +137,62 @@ def test_other_versions_and_mismatched_weights_are_refused(saved, examples):
     (saved / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match=f"{WEIGHTS}: does not fit"):
         load_bundle(saved)
+
+
+def lora_config(model_dir) -> Config:
+    cfg = config("finetune").override(
+        [
+            f"encoder.name={model_dir}",
+            "encoder.finetune=lora",
+            "encoder.finetune_layers=2",
+            "encoder.lora_rank=2",
+            "encoder.pooling=last",
+            "encoder.max_length=24",
+            "train.encoder_lr=0.05",  # adapters that really move in five steps
+        ]
+    )
+    return cfg
+
+
+def test_lora_bundle_holds_only_adapters_and_rebuilds_base_plus_adapters(tmp_path, examples):
+    from test_encoders import llama_dir
+
+    from mtrec.encoders import TextEncoder
+
+    texts = examples.meta.item_texts + examples.meta.contexts
+    cfg = lora_config(llama_dir(tmp_path / "base", texts))
+    model = trained(cfg, examples, encoder=TextEncoder.from_config(cfg.encoder))
+    assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in model.named_parameters() if "lora_B" in n)
+    path = save_bundle(tmp_path / "b", cfg, examples.meta, model, None, examples.meta.item_ids)
+
+    saved = load_file(path / WEIGHTS)
+    encoder_keys = {k for k in saved if k.startswith("encoder.")}
+    assert encoder_keys and all("lora_" in k for k in encoder_keys)  # adapters, not the base
+    assert set(saved) - encoder_keys == {k for k in model.state_dict() if not k.startswith("encoder.")}
+    base = json.loads((path / MANIFEST).read_text())["encoder_base"]
+    assert base["sha256"] == model.encoder.base_digest() and base["revision"] == "main"
+
+    bundle = load_bundle(path)  # the base loaded by name again, the adapters from the bundle
+    before, after = predictions(model, examples), predictions(bundle.model, examples)
+    assert all(torch.equal(before[t], after[t]) for t in before)
+    assert bundle.model.encoder.lora == model.encoder.lora
+    torch.testing.assert_close(bundle.item_vectors, model.item_tower.text.table(model.encoder))
+
+    llama_dir(tmp_path / "base", texts, seed=1)  # another base model under the same name
+    with pytest.raises(BundleError, match="adapters were trained on base model"):
+        load_bundle(path)
+
+
+def test_lora_bundle_without_its_base_record_is_refused(tmp_path, examples):
+    from test_encoders import llama_dir
+
+    from mtrec.encoders import TextEncoder
+
+    cfg = lora_config(llama_dir(tmp_path / "base", examples.meta.item_texts + examples.meta.contexts))
+    model = trained(cfg, examples, encoder=TextEncoder.from_config(cfg.encoder))
+    path = save_bundle(tmp_path / "b", cfg, examples.meta, model, None, examples.meta.item_ids)
+    manifest = json.loads((path / MANIFEST).read_text())
+    del manifest["encoder_base"]
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="needs 'encoder_base'"):
+        load_bundle(path)

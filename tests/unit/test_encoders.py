@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import socket
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.nn.parallel import DistributedDataParallel
 from transformers import (
     BertConfig,
     BertModel,
@@ -19,7 +24,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from mtrec.config import EncoderConfig
+from mtrec.config import Config, EncoderConfig
 from mtrec.encoders import (
     ENCODERS,
     TextEncoder,
@@ -49,11 +54,11 @@ TEXTS = [
 ]
 
 
-def word_tokenizer(decoder: bool) -> PreTrainedTokenizerFast:
-    """Whitespace WordLevel tokenizer over WORDS; BERT-style [CLS] x [SEP], or a decoder's bare
+def word_tokenizer(decoder: bool, words: list[str] = WORDS) -> PreTrainedTokenizerFast:
+    """Whitespace WordLevel tokenizer over ``words``; BERT-style [CLS] x [SEP], or a decoder's bare
     tokens with an EOS and no pad token."""
     specials = ["<unk>", "</s>", "<s>"] if decoder else ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
-    vocab = {w: i for i, w in enumerate(specials + WORDS)}
+    vocab = {w: i for i, w in enumerate(specials + list(words))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token=specials[0] if decoder else "[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     if decoder:
@@ -91,6 +96,24 @@ def tiny(arch: str, **over) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
         **over,
     )
     return LlamaModel(cfg).eval(), word_tokenizer(decoder=True)
+
+
+def llama_dir(path: Path, texts: list[str], seed: int = 0) -> Path:
+    """A tiny random Llama (3 layers) and a word tokenizer over the words of ``texts``, saved as a
+    local model folder that ``encoder.name`` can point at."""
+    words = sorted({w for t in texts for w in t.split()})
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(words) + 3,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    LlamaModel(cfg).save_pretrained(path)
+    word_tokenizer(decoder=True, words=words).save_pretrained(path)
+    return path
 
 
 def encoder(arch: str, pooling: str = "mean", **kw) -> TextEncoder:
@@ -367,3 +390,166 @@ def test_unknown_names_fail_fast_and_list_the_registry(tmp_path):
         resolve_model_path(str(tmp_path / "missing"))
     with pytest.raises(ConfigError, match="local Hugging Face cache"):
         resolve_model_path("nobody-here/no-such-model-xyz")
+
+
+# ---------------------------------------------------------------------------------- fine-tuning from the config
+
+
+def lora_config(**kw) -> EncoderConfig:
+    return EncoderConfig(**{"mode": "finetune", "finetune": "lora", "finetune_layers": 1, "lora_rank": 2, **kw})
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"lora_rank": 0}, "encoder.lora_rank=0: must be at least 1"),
+        ({"lora_alpha": 0.0}, "encoder.lora_alpha=0.0: must be positive"),
+        ({"lora_dropout": 1.0}, r"encoder.lora_dropout=1.0: must be in \[0, 1\)"),
+        ({"lora_targets": ["self_attn.q_proj"]}, "module names without dots"),
+        ({"finetune_layers": 0}, "at least 1 with encoder.finetune=lora"),
+        ({"max_length": 1}, "encoder.max_length=1"),
+    ],
+)
+def test_encoder_config_rejects_bad_lora_settings(kw, message):
+    with pytest.raises(ConfigError, match=message):
+        lora_config(**kw)
+    with pytest.raises(ConfigError, match=message):  # the same through overrides
+        Config().override(
+            ["encoder.mode=finetune", "encoder.finetune=lora", "encoder.finetune_layers=1"]
+            + [f"encoder.{k}={v}" for k, v in kw.items()]
+        )
+    assert lora_config(finetune_layers=0, mode="frozen").finetune_layers == 0  # only finetune mode needs layers
+
+
+@pytest.mark.parametrize(
+    ("arch", "stack", "targets"),
+    [
+        ("bert", "encoder.layer.", ("query", "value")),
+        ("gpt2", "h.", ("c_attn",)),
+        ("llama", "layers.", ("q_proj", "v_proj")),
+    ],
+)
+def test_prepare_finetuning_puts_default_adapters_on_the_top_layers(arch, stack, targets):
+    enc = encoder(arch)
+    enc.prepare_finetuning(lora_config())
+    names = trainable(enc)
+    assert names and all("lora_" in n and n.startswith(f"{stack}1.") for n in names)
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in names} == set(targets)
+    assert enc.lora["target"] == list(targets)
+    enc.prepare_finetuning(lora_config())  # the same config again: nothing changes
+    assert trainable(enc) == names
+    with pytest.raises(ConfigError, match="carries LoRA adapters"):
+        enc.prepare_finetuning(lora_config(lora_rank=4))
+    with pytest.raises(ConfigError, match="does not train them"):
+        enc.prepare_finetuning(EncoderConfig(mode="finetune", finetune="top_layers"))
+    with pytest.raises(ConfigError, match="between 1 and 2"):
+        encoder(arch).prepare_finetuning(lora_config(finetune_layers=3))
+    with pytest.raises(ConfigError, match="no such module"):
+        encoder(arch).prepare_finetuning(lora_config(lora_targets=["nothing_here"]))
+
+
+def test_prepare_finetuning_top_layers_and_frozen():
+    enc = encoder("llama")
+    enc.prepare_finetuning(EncoderConfig(mode="finetune", finetune="top_layers", finetune_layers=1))
+    assert trainable(enc) and all(n.startswith(("layers.1.", "norm.")) for n in trainable(enc))
+    enc.prepare_finetuning(EncoderConfig(mode="frozen"))
+    assert trainable(enc) == set()
+
+
+def test_base_digest_ignores_adapters_and_sees_base_weights():
+    enc = encoder("llama")
+    before = enc.base_digest()
+    enc.prepare_finetuning(lora_config())
+    with torch.no_grad():
+        for n, p in enc.model.named_parameters():
+            if "lora_" in n:
+                p.add_(1.0)
+    assert enc.base_digest() == before  # adapters added and trained: the same base
+    with torch.no_grad():
+        enc.model.layers[0].mlp.up_proj.weight[0, 0] += 1e-6
+    assert enc.base_digest() != before
+
+
+def test_bf16_setting_is_a_no_op_on_the_cpu():
+    model, tok = tiny("llama")
+    plain = TextEncoder(model, tok, pooling="last", max_length=16)
+    asked = TextEncoder(model, tok, pooling="last", max_length=16, bf16=True)
+    assert torch.equal(plain.encode(TEXTS), asked.encode(TEXTS)) and asked.encode(TEXTS).dtype == torch.float32
+    assert plain.fingerprint() == asked.fingerprint()  # the same numbers share cache entries
+
+
+def test_from_config_applies_lora_and_keeps_the_base(tmp_path):
+    path = llama_dir(tmp_path / "m", TEXTS)
+    frozen = TextEncoder.from_config(EncoderConfig(name=str(path), pooling="last", max_length=16))
+    tuned = TextEncoder.from_config(lora_config(name=str(path), pooling="last", max_length=16, finetune_layers=2))
+    assert tuned.lora["top_layers"] == 2 and all("lora_" in n for n in trainable(tuned))
+    assert tuned.base_digest() == frozen.base_digest()
+    # LoRA's B starts at zero: the adapted model encodes exactly as the base does
+    torch.testing.assert_close(tuned.encode(TEXTS), frozen.encode(TEXTS), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_last_token_pooling_is_the_same_for_either_tokenizer_padding_side(tmp_path, padding_side):
+    """A tokenizer that pads on the left (as many decoder tokenizers ship) gives the same vectors:
+    the encoder pads on the right itself, and its forward also reads left-padded batches right."""
+    model, tok = tiny("llama")
+    tok.padding_side = padding_side
+    enc = TextEncoder(model, tok, pooling="last", max_length=16)
+    singles = torch.cat([enc.encode([t]) for t in TEXTS])
+    torch.testing.assert_close(enc.encode(TEXTS, batch_size=5), singles, atol=1e-5, rtol=1e-5)
+    left = enc.tokenizer.pad(
+        {"input_ids": enc.token_ids(TEXTS)}, padding=True, padding_side="left", return_tensors="pt"
+    )
+    assert (left["attention_mask"][:, 0] == 0).any()
+    with torch.no_grad():
+        torch.testing.assert_close(enc(left["input_ids"], left["attention_mask"]), singles, atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture
+def one_rank_group():
+    """A real gloo process group of one rank in this process (DDP's reducer and comm hooks run as
+    with more ranks)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_lora_step_under_ddp_reduces_and_changes_only_adapters_and_heads(tmp_path, one_rank_group):
+    from test_models import tiny_batch, tiny_config, tiny_meta
+
+    from mtrec.config import TaskSpec
+    from mtrec.engine import make_optimizer, train_step
+    from mtrec.models import build_model
+    from mtrec.weighting import StepContext, build_weighting
+
+    tasks = [TaskSpec("click"), TaskSpec("buy", depends_on="click")]
+    meta = tiny_meta(tasks)
+    cfg = tiny_config("mmoe", mode="finetune")
+    cfg.encoder = lora_config(name=str(llama_dir(tmp_path / "m", meta.item_texts + meta.contexts)), pooling="last")
+    model = build_model(cfg, meta, None, TextEncoder.from_config(cfg.encoder))
+    ddp = DistributedDataParallel(model)
+    reduced: list[int] = []
+
+    def count(state, bucket):  # the elements DDP all-reduces, then the plain all-reduce
+        reduced.append(bucket.buffer().numel())
+        return allreduce_hook(state, bucket)
+
+    ddp.register_comm_hook(None, count)
+    weighting = build_weighting("static", tasks)
+    optimizer = make_optimizer(ddp, weighting, cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train_step(ddp, weighting, optimizer, tiny_batch(meta), StepContext())
+
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    adapters = {n for n in before if "lora_" in n}
+    base = {n for n in before if n.startswith("encoder.") and n not in adapters}
+    assert any(".lora_B." in n for n in changed & adapters)
+    assert not changed & base  # the language model's own weights never move
+    heads = changed - adapters
+    assert heads and not any(n.startswith("encoder.") for n in heads)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for n, p in model.named_parameters() if n in base)
+    assert sum(reduced) == trainable and frozen > 0  # frozen base weights are in no gradient bucket

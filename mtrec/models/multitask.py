@@ -137,8 +137,9 @@ def build_model(
 
     ``none``: ids and side features only. ``frozen``: ``item_vectors`` (num_items + 1, D) cached text
     vectors, row 0 zeros (and ``context_vectors`` (num_contexts + 1, D) when the data has contexts).
-    ``finetune``: ``encoder``, whose top ``cfg.encoder.finetune_layers`` layers train with the model;
-    item and context texts are tokenized once here (``meta.item_texts``).
+    ``finetune``: ``encoder``, whose top ``cfg.encoder.finetune_layers`` layers train with the model,
+    whole (``encoder.finetune=top_layers``) or through LoRA adapters (``lora``); item and context texts
+    are tokenized once here (``meta.item_texts``).
     """
     mode = cfg.encoder.mode
     has_context = bool(meta.contexts)

@@ -75,10 +75,9 @@ def save_bundle(
     (None: taken from the model, which in finetune mode encodes every item with its trained layers).
     """
     m: MultiTaskModel = getattr(model, "module", model)
-    state = m.state_dict()
+    state = persisted_state(m, cfg)
     base: dict[str, Any] | None = None
     if _lora(cfg):
-        state = {k: v for k, v in state.items() if not _is_base(k)}  # the base is loaded by name again
         base = {"name": cfg.encoder.name, "revision": cfg.encoder.revision, "sha256": m.encoder.base_digest()}
     if cfg.encoder.mode != "none":
         text = m.item_tower.text
@@ -149,15 +148,29 @@ def load_bundle(path: str | Path, encoder: TextEncoder | None = None, device: st
         )
         if _lora(cfg):
             _check_base(root / MANIFEST, manifest.get("encoder_base"), model.encoder)
-            _load_adapters_and_heads(model, _tensors(root / WEIGHTS))
-        else:
-            model.load_state_dict(_tensors(root / WEIGHTS), strict=True)
+        load_persisted_state(model, _tensors(root / WEIGHTS), cfg)
     except BundleError:
         raise
     except (MtrecError, RuntimeError, ValueError) as e:
         raise BundleError(f"{root / WEIGHTS}: does not fit the model the bundle's config describes: {e}") from e
     model.to(device).eval()
     return Bundle(root, cfg, meta, model, vectors.get("item_vectors"), vectors.get("context_vectors"), item_ids)
+
+
+def persisted_state(model: nn.Module, cfg: Config) -> dict[str, Tensor]:
+    """The state dict bundles and training checkpoints store: all of it, except the language model's
+    base weights when it trains through LoRA adapters (they are frozen and loaded by name again)."""
+    state = getattr(model, "module", model).state_dict()
+    return {k: v for k, v in state.items() if not _is_base(k)} if _lora(cfg) else state
+
+
+def load_persisted_state(model: nn.Module, state: dict[str, Tensor], cfg: Config) -> None:
+    """Load what :func:`persisted_state` stored: strictly, or (LoRA) everything but the base weights,
+    which must be all that is left out. ValueError / RuntimeError on a state that does not fit."""
+    if _lora(cfg):
+        _load_adapters_and_heads(getattr(model, "module", model), state)
+    else:
+        getattr(model, "module", model).load_state_dict(state, strict=True)
 
 
 def _lora(cfg: Config) -> bool:

@@ -12,6 +12,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from mtrec.bundle import load_persisted_state, persisted_state
+from mtrec.config import Config
+
 MODEL, WEIGHTING, OPTIMIZER, STATE = "model.safetensors", "weighting.safetensors", "optimizer.pt", "state.json"
 
 
@@ -41,15 +44,17 @@ def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
 
 
-def save_checkpoint(d: Path, model: torch.nn.Module, weighting: torch.nn.Module, optimizer, state: TrainState) -> None:
-    save_file(_contiguous(model.state_dict()), str(d / MODEL))
+def save_checkpoint(
+    d: Path, cfg: Config, model: torch.nn.Module, weighting: torch.nn.Module, optimizer, state: TrainState
+) -> None:
+    save_file(_contiguous(persisted_state(model, cfg)), str(d / MODEL))  # LoRA: no frozen base weights
     save_file(_contiguous(weighting.state_dict()) or {"_empty": torch.zeros(0)}, str(d / WEIGHTING))
     torch.save(optimizer.state_dict(), d / OPTIMIZER)
     (d / STATE).write_text(json.dumps(asdict(state)))
 
 
-def load_checkpoint(d: Path, model: torch.nn.Module, weighting: torch.nn.Module, optimizer) -> TrainState:
-    model.load_state_dict(load_file(str(d / MODEL)))
+def load_checkpoint(d: Path, cfg: Config, model: torch.nn.Module, weighting: torch.nn.Module, optimizer) -> TrainState:
+    load_model_weights(d, cfg, model)
     w = load_file(str(d / WEIGHTING))
     w.pop("_empty", None)
     weighting.load_state_dict(w)
@@ -58,5 +63,5 @@ def load_checkpoint(d: Path, model: torch.nn.Module, weighting: torch.nn.Module,
     return TrainState(**json.loads((d / STATE).read_text()))
 
 
-def load_model_weights(d: Path, model: torch.nn.Module) -> None:
-    model.load_state_dict(load_file(str(d / MODEL)))
+def load_model_weights(d: Path, cfg: Config, model: torch.nn.Module) -> None:
+    load_persisted_state(model, load_file(str(d / MODEL)), cfg)

@@ -94,7 +94,7 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            state = load_checkpoint(Path(d), model, weighting, optimizer)
+            state = load_checkpoint(Path(d), cfg, model, weighting, optimizer)
         state.restarts += 1
         if rank == 0:
             print(f"[train] resumed at epoch {state.epoch} step {state.step}", file=sys.stderr, flush=True)
@@ -121,7 +121,7 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if with_checkpoint and rank == 0:
-                save_checkpoint(Path(tmp), model, weighting, optimizer, state)
+                save_checkpoint(Path(tmp), cfg, model, weighting, optimizer, state)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             # Ray: a barrier every rank calls; only rank 0 hands over the checkpoint
             ray.train.report(metrics, checkpoint=ckpt)

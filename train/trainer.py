@@ -149,7 +149,7 @@ def finalize(prepared: Prepared, checkpoint: Any, out: str | Path, wall_s: float
         _, _, encoder = text_inputs(cfg, examples.meta)
     model = build_model(cfg, examples.meta, item_vectors, encoder, context_vectors)
     with checkpoint.as_directory() as d:
-        load_model_weights(Path(d), model)
+        load_model_weights(Path(d), cfg, model)
         history = json.loads((Path(d) / STATE).read_text())["history"]
     model.eval()
 

@@ -196,3 +196,27 @@ def test_lora_bundle_without_its_base_record_is_refused(tmp_path, examples):
     (path / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="needs 'encoder_base'"):
         load_bundle(path)
+
+
+def test_lora_training_checkpoints_hold_only_adapters_and_restore_the_model(tmp_path, examples):
+    from test_encoders import llama_dir
+
+    from mtrec.encoders import TextEncoder
+    from mtrec.models import build_model
+    from mtrec.weighting import build_weighting
+    from train.checkpoint import MODEL, TrainState, load_checkpoint, save_checkpoint
+
+    cfg = lora_config(llama_dir(tmp_path / "base", examples.meta.item_texts + examples.meta.contexts))
+    model = trained(cfg, examples, encoder=TextEncoder.from_config(cfg.encoder))
+    weighting = build_weighting("static", cfg.tasks or examples.meta.tasks)
+    (tmp_path / "ckpt").mkdir()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    save_checkpoint(tmp_path / "ckpt", cfg, model, weighting, optimizer, TrainState(epoch=1))
+    saved = load_file(tmp_path / "ckpt" / MODEL)
+    assert all("lora_" in k for k in saved if k.startswith("encoder."))  # no frozen base weights
+
+    fresh = build_model(cfg, examples.meta, encoder=TextEncoder.from_config(cfg.encoder))
+    state = load_checkpoint(tmp_path / "ckpt", cfg, fresh, weighting, None)
+    assert state.epoch == 1
+    before, after = predictions(model, examples), predictions(fresh.eval(), examples)
+    assert all(torch.equal(before[t], after[t]) for t in before)

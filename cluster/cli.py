@@ -59,12 +59,13 @@ def default_state_dir() -> Path:
 def token_headers() -> dict[str, str]:
     """``{"Authorization": "Bearer <token>"}`` when a Ray token is found (``RAY_AUTH_TOKEN``,
     ``RAY_AUTH_TOKEN_PATH``, then ``~/.ray/auth_token``), else ``{}``. A cluster with auth disabled ignores it."""
-    from ray._raylet import AuthenticationTokenLoader  # the loader `ray get-auth-token` uses; no public Python API
-
-    loader = AuthenticationTokenLoader.instance()
-    if not loader.has_token(ignore_auth_mode=True):
-        return {}
-    return {"Authorization": f"Bearer {loader.get_raw_token(ignore_auth_mode=True)}"}
+    # Read here, in the order Ray looks: Ray's own loader is a process-wide singleton that, once it holds a
+    # token, makes this process's Ray RPCs carry it, which breaks a later Ray started without auth.
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if not token:
+        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser()
+        token = path.read_text().strip() if path.is_file() else ""
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 # ------------------------------------------------------------------------------ processes

@@ -254,12 +254,12 @@ def test_every_listener_of_the_local_ray_and_serve_is_on_loopback(app):
     assert port in {x[3] for x in listening}  # the Serve proxy is among them
     assert len(listening) >= 5, listening
     exposed = [x for x in listening if not loopback(x[2])]
-    # Known exception, not ours to bind: every Serve replica of Ray 2.60 starts an inter-deployment gRPC
-    # server on [::]:0 (hard-coded in ray/serve/_private/replica.py, no setting; upstream ray#64544).
-    # Unused by default (handles use actor calls); on Kubernetes the NetworkPolicy keeps it inside the
-    # namespace. Anything else listening beyond loopback fails this test.
+    # Known exception, not ours to bind: every Serve replica of Ray 2.60 starts inter-deployment gRPC
+    # listeners on [::]:0 (hard-coded in ray/serve/_private/replica.py, no setting; one or two per
+    # replica depending on what it has served). Unused by default (handles use actor calls); on
+    # Kubernetes the NetworkPolicy keeps them inside the namespace. Anything else listening beyond
+    # loopback (any other process, any other address) fails this test.
     replica_grpc = [x for x in exposed if x[1].startswith("ray::ServeReplica:") and x[2] == "::"]
-    assert len(replica_grpc) == len({x[0] for x in replica_grpc}), replica_grpc  # one per replica
     assert not [x for x in exposed if x not in replica_grpc], exposed
 
 

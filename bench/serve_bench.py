@@ -37,7 +37,6 @@ APP, ECHO = "mtrec-bench", "echo-bench"
 
 
 def build_bundle(root: Path) -> Path:
-    from mtrec.bundle import save_bundle
     from mtrec.config import Config
     from mtrec.data.synthetic import generate
     from mtrec.engine import fit
@@ -45,7 +44,7 @@ def build_bundle(root: Path) -> Path:
     data = generate("ecommerce", root / "data", num_users=500, num_items=1000, num_interactions=20_000, seed=0)
     cfg = Config().override(["train.epochs=1", f"encoder.cache_dir={root / 'vectors'}"])
     result = fit(cfg, data, work_dir=root / "work")
-    return save_bundle(root / "bundle", cfg, result.meta, result.model, result.item_vectors, result.meta.item_ids)
+    return result.save_bundle(root / "bundle", cfg)
 
 
 def requests_for(bundle: Path, n: int, seed: int = 0) -> list[dict[str, Any]]:

@@ -144,7 +144,7 @@ def stage_serve(bundle: Path, out: Path, port: int, prometheus_url: str | None, 
 
 
 def stage_traffic(data: Path, url: str, requests: int, rounds: int = 6) -> tuple[dict[str, Any], list[dict]]:
-    from cluster.traffic import SimulatedUsers
+    from cluster.traffic import SimulatedUsers, TrafficReport
 
     users = SimulatedUsers(data, url, tasks=["click", "add_to_cart", "purchase"], candidates=20, k=5)
     say(f"5/6 traffic: {requests} requests from simulated users ({', '.join(users.tasks)} feedback)")
@@ -158,30 +158,15 @@ def stage_traffic(data: Path, url: str, requests: int, rounds: int = 6) -> tuple
         s = reports[-1].summary()
         w = ", ".join(f"{k} {v:.2f}" for k, v in trajectory[-1]["weights"].items())
         say(f"   round {r + 1}/{rounds}: p50 {s['p50_ms']:.0f} ms, failed {s['failed']}; weights {w}")
-    total = {
-        "requests": sum(x.requests for x in reports),
-        "failed": sum(x.failed for x in reports),
-        "errors": {k: sum(x.errors.get(k, 0) for x in reports) for k in {k for x in reports for k in x.errors}},
-        "p50_ms": _median([v for x in reports for v in x.latencies_ms]),
-        "p99_ms": _quantile([v for x in reports for v in x.latencies_ms], 0.99),
-        "impressions": sum(x.impressions for x in reports),
-        "events": {t: sum(x.events.get(t, 0) for x in reports) for t in users.tasks},
-    }
+    s = TrafficReport.merge(reports).summary()
+    total = {k: s[k] for k in ("requests", "failed", "errors", "p50_ms", "p99_ms", "impressions")}
+    total["events"] = {t: s["events"].get(t, 0) for t in users.tasks}
     return total, trajectory
 
 
 def _weights(url: str) -> dict[str, Any]:
     d = get(url + "/v1/weights")
     return {"weights": main_weights(d), "version": d["version"], "action": d.get("action"), "reason": d.get("reason")}
-
-
-def _median(xs: list[float]) -> float:
-    return _quantile(xs, 0.5)
-
-
-def _quantile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
 
 def purchase_targets(data: Path) -> dict[str, float]:

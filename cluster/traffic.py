@@ -44,6 +44,29 @@ class TrafficReport:
     feedback_failed: int = 0
     seconds: float = 0.0
 
+    @classmethod
+    def merge(cls, reports: list[TrafficReport]) -> TrafficReport:
+        """One report for several runs (rounds of traffic): counts added, latencies pooled."""
+
+        def added(key: str) -> dict[str, int]:
+            out: dict[str, int] = {}
+            for r in reports:
+                for k, n in getattr(r, key).items():
+                    out[k] = out.get(k, 0) + n
+            return out
+
+        return cls(
+            requests=sum(r.requests for r in reports),
+            failed=sum(r.failed for r in reports),
+            errors=added("errors"),
+            latencies_ms=[v for r in reports for v in r.latencies_ms],
+            impressions=sum(r.impressions for r in reports),
+            events=added("events"),
+            arms=added("arms"),
+            feedback_failed=sum(r.feedback_failed for r in reports),
+            seconds=sum(r.seconds for r in reports),
+        )
+
     def summary(self) -> dict[str, Any]:
         lat = sorted(self.latencies_ms)
         pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] if lat else float("nan")  # noqa: E731

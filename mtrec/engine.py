@@ -195,6 +195,13 @@ class FitResult:
     history: list[dict] = field(default_factory=list)  # one entry per epoch
     samples_per_s: float = 0.0
 
+    def save_bundle(self, path: str | Path, cfg: Config) -> Path:
+        """This model as a serving bundle at ``path`` (``cfg``: the config it was trained with)."""
+        from mtrec.bundle import save_bundle
+
+        meta = self.meta
+        return save_bundle(path, cfg, meta, self.model, self.item_vectors, meta.item_ids, self.context_vectors)
+
 
 def fit(
     cfg: Config,

@@ -194,7 +194,9 @@ def run_search(
             ),
         )
     results = tuner.fit()
-    unfinished = trials - sum(1 for r in results if r.error is not None or (r.metrics or {}).get("done"))
+    # by the trials' status: a trial finished before an interrupt may be restored with done=False in its
+    # last result although Tune records it TERMINATED (and does not run it again)
+    unfinished = trials - results.num_terminated - results.num_errors
     if unfinished > 0:
         raise SearchInterrupted(
             f"search in {out} stopped with {unfinished} of {trials} trials unfinished; run the same command "

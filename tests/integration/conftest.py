@@ -55,7 +55,6 @@ def serve_http(ray_cluster):
 def serve_bundle(tmp_path_factory):
     """A small bundle for the serving tests: the packaged MiniLM (frozen) under a small multi-task model
     trained one epoch in-process on a small synthetic ecommerce dataset. Returns (bundle dir, data dir)."""
-    from mtrec.bundle import save_bundle
     from mtrec.config import Config
     from mtrec.data.synthetic import generate
     from mtrec.engine import fit
@@ -73,5 +72,5 @@ def serve_bundle(tmp_path_factory):
         ]
     )
     result = fit(cfg, data, work_dir=root / "work")
-    bundle = save_bundle(root / "bundle", cfg, result.meta, result.model, result.item_vectors, result.meta.item_ids)
+    bundle = result.save_bundle(root / "bundle", cfg)
     return bundle, data

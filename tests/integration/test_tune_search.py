@@ -105,7 +105,7 @@ def _interrupt_after(proc: subprocess.Popen, out: Path, n: int, timeout_s: float
 
 @pytest.fixture(scope="module")
 def search(ray_cluster, tmp_path_factory):
-    from tune.run import SearchInterrupted, run_search
+    from tune.run import run_search
 
     root = tmp_path_factory.mktemp("tune")
     data = noisy_aux_dataset(root / "noisy-aux")
@@ -135,10 +135,7 @@ def search(ray_cluster, tmp_path_factory):
     before = _results_on_disk(out)
     # ...then resumed here, with the same arguments
     kwargs = dict(objective="click.auc", strategies=["static"], lr_range=None, grace_epochs=3)
-    try:
-        summary = run_search(base, data, out, trials=4, points=[DOWN, UP], **kwargs)
-    except SearchInterrupted:  # a trial caught mid-restore on a loaded machine: resuming again is the remedy
-        summary = run_search(base, data, out, trials=4, points=[DOWN, UP], **kwargs)
+    summary = run_search(base, data, out, trials=4, points=[DOWN, UP], **kwargs)
     wall = time.perf_counter() - start
     noise = run_search(
         base, data, root / "noise", 2, points=[{**EQUAL, "seed": 1}, {**EQUAL, "seed": 2}], baseline=False, **kwargs

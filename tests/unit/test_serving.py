@@ -67,8 +67,7 @@ def world(tmp_path_factory):
     texts = pq.read_table(data / "items.parquet").column("text").to_pylist()
     encoder = word_encoder(texts)
     result = fit(cfg, data, work_dir=root / "work", encoder=encoder)
-    meta = result.meta
-    path = save_bundle(root / "bundle", cfg, meta, result.model, result.item_vectors, meta.item_ids)
+    path = result.save_bundle(root / "bundle", cfg)
     return {"data": data, "examples": ExampleSet.load(root / "work" / "examples"), "bundle": path, "encoder": encoder}
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.prometheus import free_port, service_discovery_file, start_prometheus, stop_prometheus, write_config
-from cluster.ray_env import LOCAL_ENV
+from cluster.ray_env import CLUSTER_FLAG, LOCAL_ENV
 from mtrec.errors import MtrecError
 
 STATE_FILE = "cluster.json"
@@ -124,7 +124,7 @@ def _node_env(auth_mode: str, ports: dict[str, int], multi_node: bool) -> dict[s
     # A SIGTERMed node first drains (up to 30 s by default) so that Serve can move replicas to other hosts;
     # on one host there is nowhere to move them, and an idle job supervisor would hold the drain to the end.
     env = {**LOCAL_ENV, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "5", **os.environ, "RAY_AUTH_MODE": auth_mode}
-    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1" if multi_node else "0"
+    env[CLUSTER_FLAG] = "1" if multi_node else "0"
     env["AUTOSCALER_METRIC_PORT"] = str(ports["autoscaler_metrics"])
     env["DASHBOARD_METRIC_PORT"] = str(ports["dashboard_metrics"])
     return env

@@ -15,8 +15,9 @@ import os
 import socket
 
 DASHBOARD_PORT = 8265
+CLUSTER_FLAG = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 LOCAL_ENV = {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    CLUSTER_FLAG: "0",
     "RAY_worker_niceness": "0",
     "RAY_TRAIN_V2_ENABLED": "1",
 }
@@ -35,9 +36,20 @@ def free_port(preferred: int = 0) -> int:
 
 
 def apply_local_env() -> None:
-    """Set the environment a local Ray needs, without overriding what the user set."""
+    """Set the environment a local Ray needs, without overriding what the user set.
+
+    Ray reads ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` once, when ``ray`` is first imported: in a process
+    that imported it before this call, Ray's copy is aligned with the environment here, or a Ray it
+    then starts would bind its GCS, raylet and workers on every interface.
+    """
     for k, v in LOCAL_ENV.items():
         os.environ.setdefault(k, v)
+    import sys
+
+    constants = sys.modules.get("ray._private.ray_constants")  # no public setting after import
+    if constants is not None:
+        flag = os.environ[CLUSTER_FLAG].lower() in ("1", "true")
+        constants.ENABLE_RAY_CLUSTER = flag
 
 
 def ensure_ray(

@@ -42,9 +42,9 @@ def entrypoint(kind: str, args: list[str]) -> str:
 def runtime_env(working_dir: str | Path = REPO, env_vars: dict[str, str] | None = None) -> dict[str, Any]:
     """The job's runtime environment: the repository as ``working_dir`` (so ``python -m train.run`` resolves
     on every node) and the environment variables a Ray on a shared host needs."""
-    from cluster.ray_env import LOCAL_ENV
+    from cluster.ray_env import CLUSTER_FLAG, LOCAL_ENV
 
-    env = {k: v for k, v in LOCAL_ENV.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}  # a node setting
+    env = {k: v for k, v in LOCAL_ENV.items() if k != CLUSTER_FLAG}  # a node setting
     return {"working_dir": str(working_dir), "excludes": list(EXCLUDES), "env_vars": {**env, **(env_vars or {})}}
 
 

@@ -6,6 +6,9 @@ import os
 
 import pytest
 
+from cluster.ray_env import apply_local_env
+
+apply_local_env()  # before any test module imports ray (Ray reads some of it once, at import)
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only test cluster; the product keeps token auth on
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -236,11 +236,6 @@ def loopback(ip: str) -> bool:
     return address.is_loopback or bool(getattr(address, "ipv4_mapped", None) and address.ipv4_mapped.is_loopback)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open (#9): in some full-suite runs the session's gcs_server, raylet and dashboard agent were seen "
-    "on [::] / the host address although RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0; cause not yet found",
-)
 def test_every_listener_of_the_local_ray_and_serve_is_on_loopback(app):
     import psutil
 
@@ -265,7 +260,21 @@ def test_every_listener_of_the_local_ray_and_serve_is_on_loopback(app):
     # Kubernetes the NetworkPolicy keeps them inside the namespace. Anything else listening beyond
     # loopback (any other process, any other address) fails this test.
     replica_grpc = [x for x in exposed if x[1].startswith("ray::ServeReplica:") and x[2] == "::"]
-    assert not [x for x in exposed if x not in replica_grpc], exposed
+    assert not [x for x in exposed if x not in replica_grpc], [(*x, *_origin(x[0])) for x in exposed]
+
+
+def _origin(pid: int) -> tuple[str, ...]:
+    """Where a process came from, for the failure message: its parent, command line and the binding
+    setting it was started with (as its environment recorded it)."""
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        flag = next((e.decode() for e in env if e.startswith(b"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=")), "flag unset")
+        return (f"parent {p.ppid()} {psutil.Process(p.ppid()).name()}", " ".join(p.cmdline())[:300], flag)
+    except (psutil.Error, OSError) as e:
+        return (repr(e),)
 
 
 def test_the_bearer_token_is_never_logged(app):

@@ -121,3 +121,19 @@ def test_up_refuses_while_a_recorded_cluster_runs(tmp_path):
     finally:
         if alive.poll() is None:
             alive.kill()
+
+
+def test_the_loopback_setting_holds_when_ray_was_imported_first():
+    """Ray reads its binding flag once, at import: a process that imported ray before the local
+    environment was applied must still start its Ray on loopback (seen in the full test suite)."""
+    import sys
+
+    code = (
+        "import os, ray._private.ray_constants as c; assert c.ENABLE_RAY_CLUSTER;"
+        "from cluster.ray_env import apply_local_env; apply_local_env();"
+        "from ray._private.services import get_node_ip_address; print(c.ENABLE_RAY_CLUSTER, get_node_ip_address())"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "127.0.0.1"]

@@ -104,8 +104,12 @@ def _serving(doc: dict) -> Iterator[Row]:
         for c in doc["http"][graph]:
             for key in ("p50_ms", "p99_ms", "rps"):
                 yield f"{graph} graph, concurrency {c}: {key.replace('_', ' ')}", ("http", graph, c, key)
-    for key in doc["target_concurrency_8"]:
-        yield f"target at concurrency 8: {key.replace('_', ' ')}", ("target_concurrency_8", key)
+    target = doc["target_concurrency_8"]
+    for key in target:
+        if not isinstance(target[key], dict):
+            yield f"target at concurrency 8: {key.replace('_', ' ')}", ("target_concurrency_8", key)
+    for graph in target.get("cpu_ms_per_request", {}):
+        yield f"{graph}: CPU ms per request, all processes", ("target_concurrency_8", "cpu_ms_per_request", graph)
 
 
 def _headline(doc: dict) -> Iterator[Row]:

@@ -61,6 +61,9 @@ META = "meta.json"
 CATALOG = "items.parquet"
 
 
+SMALL_LOOKUP = 16  # Vocab.lookup of at most this many values goes through a dict
+
+
 @dataclass
 class Vocab:
     """Raw values to embedding rows. Row 0 is padding; ``values[i]`` gets row ``i + 1``.
@@ -73,6 +76,7 @@ class Vocab:
     values: list[Any]
     buckets: int = 0
     _index: pd.Index | None = field(default=None, init=False, repr=False, compare=False)
+    _rows: dict[Any, int] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def num_rows(self) -> int:
@@ -80,10 +84,15 @@ class Vocab:
 
     def lookup(self, raw: Sequence[Any] | np.ndarray) -> np.ndarray:
         """``(N,)`` raw values -> ``(N,)`` int64 rows."""
-        if self._index is None:
-            self._index = pd.Index(self.values)
         raw = np.asarray(raw)
-        rows = self._index.get_indexer(raw).astype(np.int64) + 1
+        if len(raw) <= SMALL_LOOKUP:  # a serving request's few ids: a dict beats building pandas' indexer
+            if self._rows is None:
+                self._rows = {v: i + 1 for i, v in enumerate(self.values)}
+            rows = np.array([self._rows.get(v, 0) for v in raw.tolist()], dtype=np.int64)
+        else:
+            if self._index is None:
+                self._index = pd.Index(self.values)
+            rows = self._index.get_indexer(raw).astype(np.int64) + 1
         unknown = rows == 0
         if self.buckets and unknown.any():
             codes, uniques = pd.factorize(raw[unknown])

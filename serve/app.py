@@ -3,7 +3,8 @@
 ::
 
     HTTP -> Ingress (FastAPI) --> Embedder         texts the bundle lacks -> vectors (batched, LRU cache)
-                             \\-> TaskHeads        prepared requests -> per-task predictions (batched)
+                             \\-> TaskHeads        prepared requests -> per-task predictions (batched;
+                                                  with ``heads_in_ingress``, inside the Ingress instead)
                              \\-> WeightController fusion weights per arm, moved by live feedback
 
 ``build_app(args)`` validates ``args`` as :class:`AppArgs` and loads the bundle once, as the
@@ -55,6 +56,9 @@ class AppArgs(BaseModel):
     auth_token_env: str | None = None  # env var holding the bearer token of /v1/* (None: no auth)
     feedback_ttl_s: float = Field(default=3600.0, gt=0)  # how long a request accepts feedback
     max_served_requests: int = Field(default=100_000, ge=1)  # requests the feedback ledger remembers
+    # the task heads inside the Ingress replica: no TaskHeads deployment, no second hop per request
+    # (small CPU models, where that hop costs more than the forward); default: the autoscaled TaskHeads
+    heads_in_ingress: bool = False
 
 
 def build_app(args: dict[str, Any]) -> ray.serve.Application:
@@ -89,7 +93,9 @@ def graph(args: AppArgs, options: dict[str, dict[str, Any]] | None = None) -> ra
         **options.get(name, {}),
     }
     embedder = Embedder.options(**opts("Embedder")).bind(args.bundle, args.cache_size, args.max_text_chars)
-    heads = TaskHeads.options(**opts("TaskHeads")).bind(args.bundle)
+    if args.heads_in_ingress and "TaskHeads" in options:
+        raise ConfigError("options for TaskHeads, but heads_in_ingress runs the heads in the Ingress")
+    heads = None if args.heads_in_ingress else TaskHeads.options(**opts("TaskHeads")).bind(args.bundle)
     controller = WeightController.options(**opts("WeightController")).bind(
         tasks=catalog.tasks,
         weights={t.name: t.fusion_weight for t in catalog.meta.tasks},

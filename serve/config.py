@@ -81,12 +81,14 @@ def serve_config(
     autoscaling: dict[str, dict] | None = None,
     runtime_env: dict | None = None,
     auth_token_env: str | None = None,
+    heads_in_ingress: bool = False,
 ) -> dict[str, Any]:
     """The Serve config document of the app serving ``bundle`` (see the module docstring).
 
     ``prometheus_url`` None: the controller scrapes Ray's metrics endpoint directly (one node; use
     Prometheus on a cluster). ``autoscaling``: overrides of :data:`AUTOSCALING` per deployment.
     ``auth_token_env``: the environment variable holding the bearer token of ``/v1/*`` (None: no auth).
+    ``heads_in_ingress``: the heads run inside the Ingress (no TaskHeads deployment; see ``AppArgs``).
     """
     from ray.serve.schema import DeploymentSchema, ServeDeploySchema
 
@@ -97,8 +99,17 @@ def serve_config(
         args["state_path"] = state_path
     if auth_token_env:
         args["auth_token_env"] = auth_token_env
+    if heads_in_ingress:
+        args["heads_in_ingress"] = True
+        if "TaskHeads" in (autoscaling or {}):
+            raise ConfigError("autoscaling.TaskHeads: with heads_in_ingress there is no TaskHeads deployment")
+    blocks = autoscaling_blocks(autoscaling)
     deployments = [{"name": "Ingress", "num_replicas": 1}]
-    deployments += [{"name": d, "autoscaling_config": block} for d, block in autoscaling_blocks(autoscaling).items()]
+    deployments += [
+        {"name": d, "autoscaling_config": block}
+        for d, block in blocks.items()
+        if not (heads_in_ingress and d == "TaskHeads")
+    ]
     deployments.append({"name": "WeightController", "num_replicas": 1})
     valid = set(DeploymentSchema.model_fields)
     for d in deployments:

@@ -82,7 +82,9 @@ class TaskHeads:
         """The fusion scale of each task (:meth:`mtrec.serving.Scorer.reference_scales`)."""
         return self._scales
 
-    @ray.serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    # no wait for a batch to fill: requests that queue while a forward runs form the next batch, and a
+    # lone request does not pay a timeout
+    @ray.serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def predict(self, jobs: list[tuple[Prepared, np.ndarray | None]]) -> list[dict[str, np.ndarray]]:
         """One call per request: its prepared inputs and the vectors of its texts."""
         return self._scorer.predict(jobs)

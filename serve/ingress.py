@@ -10,7 +10,8 @@ request path never waits for it, and a controller that is down leaves the last w
 
 Feedback ledger: each Ingress replica remembers what it served (:class:`mtrec.serving.FeedbackLedger`),
 so a request's feedback must reach the replica that served it. The Ingress is light (the model work
-is in the autoscaled Embedder and TaskHeads) and runs as one replica; holding the ledger in the
+is in the autoscaled Embedder and TaskHeads, or with ``heads_in_ingress`` the heads' forward runs here:
+one hop less per request, for small CPU models) and runs as one replica; holding the ledger in the
 controller instead would add a round trip to every request. With several Ingress replicas, feedback
 that reaches another replica is refused with a 404.
 
@@ -37,9 +38,10 @@ from fastapi import FastAPI, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from mtrec.bundle import load_bundle
 from mtrec.errors import ConfigError, DataError
 from mtrec.fusion import MAIN, fuse, normalise_weights, rank
-from mtrec.serving import Candidate, Catalog, FeedbackLedger, RequestError, ScoreRequest, choose_arm
+from mtrec.serving import Candidate, Catalog, FeedbackLedger, RequestError, Scorer, ScoreRequest, choose_arm
 from serve.schemas import (
     CandidateIn,
     FeedbackBody,
@@ -164,6 +166,7 @@ class Ingress:
 
     def __init__(self, embedder: Any, heads: Any, controller: Any, args: dict[str, Any]) -> None:
         self._embedder, self._heads, self._controller = embedder, heads, controller
+        self._scales: dict[str, float] | None = None
         self._catalog = Catalog.load(args["bundle"])
         self._tasks = {t.name: t for t in self._catalog.meta.tasks}
         self._limits = Limits(args["max_candidates"], args["max_text_chars"])
@@ -173,10 +176,13 @@ class Ingress:
             self._token = os.environ.get(args["auth_token_env"]) or None
             if self._token is None:
                 raise ConfigError(f"auth_token_env: the environment variable {args['auth_token_env']!r} is not set")
+        self._scorer: Scorer | None = None  # the heads in this replica (heads_in_ingress); else TaskHeads
+        if heads is None:
+            self._scorer = Scorer(load_bundle(args["bundle"]))
+            self._scales = self._scorer.reference_scales()
         self._ledger = FeedbackLedger(args["feedback_ttl_s"], args["max_served_requests"])
         priors = normalise_weights({t: s.fusion_weight for t, s in self._tasks.items()})
         self._decision: dict[str, Any] = {"version": 0, "weights": {MAIN: priors}, "traffic": {MAIN: 1.0}}
-        self._scales: dict[str, float] | None = None
         self._refresher = asyncio.get_running_loop().create_task(self._refresh())
 
     async def _refresh(self) -> None:
@@ -214,9 +220,12 @@ class Ingress:
                 vectors = await _model_call(self._embedder.embed, prepared.texts)
                 m.observe_latency("embed", 1000 * (time.perf_counter() - t))
             t = time.perf_counter()
-            preds = await _model_call(self._heads.predict, (prepared, vectors))
-            if self._scales is None:
-                self._scales = await _model_call(self._heads.scales)
+            if self._scorer is not None:
+                preds = self._scorer.predict([(prepared, vectors)])[0]
+            else:
+                preds = await _model_call(self._heads.predict, (prepared, vectors))
+                if self._scales is None:
+                    self._scales = await _model_call(self._heads.scales)
         except (asyncio.TimeoutError, ray.exceptions.RayError) as e:
             raise HTTPException(503, f"the model is unavailable ({type(e).__name__}); retry later") from e
         m.observe_latency("heads", 1000 * (time.perf_counter() - t))

@@ -33,6 +33,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--prometheus", default=None, help="Prometheus URL the controller reads (default: scrape Ray)")
     p.add_argument("--policy", default="static", help="weight-control policy (static, proportional, target, bandit)")
+    p.add_argument(
+        "--heads-in-ingress",
+        action="store_true",
+        help="run the task heads inside the Ingress (no TaskHeads deployment: one hop less; small CPU models)",
+    )
 
 
 def _autoscale(items: list[str]) -> dict[str, dict]:
@@ -69,6 +74,7 @@ def write_config(argv: list[str]) -> int:
         state_path=args.state_path,
         autoscaling=_autoscale(args.autoscale),
         auth_token_env=args.auth_token_env,
+        heads_in_ingress=args.heads_in_ingress,
     )
     text = yaml.safe_dump({"applications": doc["applications"]} if args.rayservice else doc, sort_keys=False)
     if args.out:
@@ -97,7 +103,14 @@ def run(argv: list[str]) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         ray.serve.start(http_options={"host": args.host, "port": args.port})
-        app = build_app({"bundle": args.bundle, "prometheus_url": args.prometheus, "policy": args.policy})
+        app = build_app(
+            {
+                "bundle": args.bundle,
+                "prometheus_url": args.prometheus,
+                "policy": args.policy,
+                "heads_in_ingress": args.heads_in_ingress,
+            }
+        )
         ray.serve.run(app, name="mtrec", route_prefix="/")
         print(f"serving {args.bundle} on http://{args.host}:{args.port} (docs: /docs); Ctrl-C stops", flush=True)
         stop.wait()

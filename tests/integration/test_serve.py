@@ -149,3 +149,33 @@ def test_bad_inputs_are_4xx_with_a_message(app):
     assert not failures, "\n".join(failures)
     status, _ = call(app, "GET", "/healthz", token=None)
     assert status == 200  # and the service still answers
+
+
+def test_heads_in_the_ingress_predict_as_the_task_heads_deployment(app, serve_http, serve_bundle):
+    """``heads_in_ingress``: no TaskHeads deployment, and the same predictions for catalog and cold items."""
+    import ray.serve
+
+    from serve.app import AppArgs, graph
+
+    name, prefix = APP + "-local", PREFIX + "-local"
+    args = AppArgs(bundle=str(serve_bundle[0]), heads_in_ingress=True, period_s=5.0)
+    options = {k: ONE_CPU_QUARTER for k in ("Ingress", "Embedder", "WeightController")}
+    ray.serve.run(graph(args, options), name=name, route_prefix=prefix)
+    try:
+        assert set(ray.serve.status().applications[name].deployments) == {"Ingress", "Embedder", "WeightController"}
+        ids = [it["item_id"] for it in app["items"][:20]]
+        body = {
+            "user_id": 5,
+            "history": ids[:2],
+            "candidates": [*ids, {"item_id": "new-1", "text": "red running shoes"}],
+        }
+        here, there = (
+            call({"url": serve_http + prefix}, "POST", "/v1/score", body, token=None),
+            call(app, "POST", "/v1/score", body),
+        )
+        assert here[0] == there[0] == 200, (here, there)
+        for a, b in zip(here[1]["items"], there[1]["items"], strict=True):
+            assert a["item_id"] == b["item_id"]
+            assert a["predictions"] == pytest.approx(b["predictions"], rel=1e-5, abs=1e-7)
+    finally:
+        ray.serve.delete(name)

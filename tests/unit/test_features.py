@@ -187,3 +187,20 @@ def test_failed_prepare_leaves_no_output(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         prepare_examples(data, Config(), tmp_path / "examples")
     assert not (tmp_path / "examples").exists() and [p.name for p in tmp_path.iterdir()] == ["data"]
+
+
+@pytest.mark.parametrize(
+    "values, probes",
+    [
+        (list(range(50)), [3, np.int64(7), 49, 50, -1, "3", 3.0, None]),
+        (["a", "b", "10"], ["b", np.str_("a"), "c", 10, "10", ""]),
+    ],
+)
+def test_a_small_lookup_maps_exactly_as_a_large_one(values, probes):
+    """Serving looks a few ids up through a dict, training many through pandas: the same rows."""
+    from mtrec.features import SMALL_LOOKUP
+
+    vocab = Vocab(values, buckets=5)
+    small = vocab.lookup(np.array(probes, dtype=object))
+    large = vocab.lookup(np.array(probes * (SMALL_LOOKUP // len(probes) + 1), dtype=object))[: len(probes)]
+    assert small.tolist() == large.tolist()

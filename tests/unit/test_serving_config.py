@@ -24,6 +24,16 @@ def test_serve_config_validates_and_merges_autoscaling_overrides():
     assert AUTOSCALING["TaskHeads"]["max_replicas"] != 8  # the defaults are not changed by an override
 
 
+def test_heads_in_ingress_leaves_out_the_task_heads_deployment():
+    from serve.app import AppArgs
+
+    app = serve_config("/runs/b", heads_in_ingress=True)["applications"][0]
+    assert {d["name"] for d in app["deployments"]} == {"Ingress", "Embedder", "WeightController"}
+    assert AppArgs.model_validate(app["args"]).heads_in_ingress
+    with pytest.raises(ConfigError, match="no TaskHeads deployment"):
+        serve_config("/runs/b", heads_in_ingress=True, autoscaling={"TaskHeads": {"max_replicas": 2}})
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

@@ -194,15 +194,21 @@ def run_search(
             ),
         )
     results = tuner.fit()
-    # by the trials' status: a trial finished before an interrupt may be restored with done=False in its
-    # last result although Tune records it TERMINATED (and does not run it again)
-    unfinished = trials - results.num_terminated - results.num_errors
+    unfinished = trials - _finished(experiment)
     if unfinished > 0:
         raise SearchInterrupted(
             f"search in {out} stopped with {unfinished} of {trials} trials unfinished; run the same command "
             "again to resume it"
         )
     return _publish(prepared, objective, results, out, time.perf_counter() - start)
+
+
+def _finished(experiment: Path) -> int:
+    """Trials the experiment state on disk records as TERMINATED or ERROR: what a resume will not run
+    again. (Not the ResultGrid's: after Ctrl-C Tune stops the pending trials and marks them TERMINATED
+    in memory, and a trial restored as finished may lack ``done`` in its last result.)"""
+    trials = ray.tune.ExperimentAnalysis(str(experiment)).trials
+    return sum(1 for t in trials if t.status in ("TERMINATED", "ERROR"))
 
 
 def _check_request(path: Path, request: dict[str, Any], restoring: bool) -> None:

@@ -30,7 +30,7 @@ OVERRIDES = [
 ]
 
 
-def run(size: int, work: Path, seed: int, epochs: int) -> dict[str, Any]:
+def run(size: int, work: Path, seed: int, epochs: int, extra: list[str]) -> dict[str, Any]:
     from mtrec.config import Config
     from mtrec.data.synthetic import generate, oracle_metrics
     from mtrec.engine import fit
@@ -38,7 +38,7 @@ def run(size: int, work: Path, seed: int, epochs: int) -> dict[str, Any]:
     data = generate(
         "ecommerce", work / f"data-{size}", num_users=2000, num_items=1000, num_interactions=size, seed=seed
     )
-    cfg = Config().override([*OVERRIDES, f"train.epochs={epochs}"])
+    cfg = Config().override([*OVERRIDES, f"train.epochs={epochs}", *extra])
     start = time.perf_counter()
     result = fit(cfg, data, work / f"run-{size}")
     seconds = time.perf_counter() - start
@@ -78,19 +78,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("overrides", nargs="*", help="config overrides on top of the defaults (KEY=VALUE)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []
     with tempfile.TemporaryDirectory(prefix="mtrec-quality-") as tmp:
         for size in args.sizes:
-            row = run(size, Path(tmp), args.seed, args.epochs)
+            row = run(size, Path(tmp), args.seed, args.epochs, args.overrides)
             rows.append(row)
             gaps = ", ".join(f"{t} {v['auc']:.4f}/{v['oracle_auc']:.4f}" for t, v in row["tasks"].items())
             print(f"{size:,} interactions ({row['seconds']:.0f} s): {gaps}; max gap {row['max_gap']:.4f}", flush=True)
     largest = rows[-1]
     headline = {f"{t} gap at {largest['interactions']:,}": v["gap"] for t, v in largest["tasks"].items()}
     headline[f"every task within {MARGIN} at {largest['interactions']:,}"] = largest["max_gap"] <= MARGIN
-    doc = {"setting": {"scenario": "ecommerce", "overrides": OVERRIDES, "epochs": args.epochs, "seed": args.seed}}
+    overrides = [*OVERRIDES, *args.overrides]
+    doc = {"setting": {"scenario": "ecommerce", "overrides": overrides, "epochs": args.epochs, "seed": args.seed}}
     doc |= {"runs": rows, "headline": headline}
     save_results("quality", doc)
     plot(rows, RESULTS / "quality.png")

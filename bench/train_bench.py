@@ -92,7 +92,7 @@ def bench_throughput(work: Path, interactions: int, finetune_interactions: int) 
             small if finetune else data,
             work / name,
         )
-        rows[name] = {"workers": workers, "samples_per_s": m["train"]["samples_per_s"], "wall_s": m["train"]["wall_s"]}
+        rows[name] = {"workers": workers, **{k: m["train"][k] for k in ("samples_per_s", "wall_s", "input_wait_frac")}}
         print(f"[bench] throughput {name}: {rows[name]['samples_per_s']:,.0f} samples/s", flush=True)
     sps = {k: v["samples_per_s"] for k, v in rows.items()}
     figures = {

@@ -7,6 +7,7 @@ and report. A short comment marks each place Ray is called.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import sys
@@ -130,7 +131,7 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
         ddp_model.train()
         epoch_losses = torch.zeros(len(tasks), device=device)
         epoch_counts = torch.zeros(len(tasks), device=device)
-        t0, seen = time.perf_counter(), 0
+        t0, seen, waited = time.perf_counter(), 0, 0.0
         batches = train_shard.iter_batches(
             batch_size=cfg.train.batch_size,
             batch_format="numpy",
@@ -138,7 +139,13 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
             local_shuffle_buffer_size=cfg.train.batch_size * 8,
             local_shuffle_seed=cfg.train.seed * 1000 + state.epoch,
         )
-        for i, raw in enumerate(batches):
+        stream = iter(batches)
+        for i in itertools.count():
+            t_wait = time.perf_counter()
+            raw = next(stream, None)  # the time spent here is the input pipeline's (Ray Data) share
+            waited += time.perf_counter() - t_wait
+            if raw is None:
+                break
             if i < state.batch_in_epoch:  # resumed mid-epoch: these batches were already trained
                 continue
             batch = {k: v.to(device) for k, v in collate(raw).items()}
@@ -164,7 +171,8 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
         weighting.end_epoch(mean_losses)
         if distributed:
             _check_in_sync(model, weighting)
-        train_rate = seen * world / (time.perf_counter() - t0)
+        epoch_s = time.perf_counter() - t0
+        train_rate = seen * world / epoch_s
 
         valid_batches = (collate(b) for b in valid_shard.iter_batches(batch_size=4096, batch_format="numpy"))
         metrics = evaluate(ddp_model, valid_batches, tasks, gather=_gather if distributed else None)
@@ -177,6 +185,7 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
             "step": state.step,
             OBJECTIVE_KEY: value,
             "samples_per_s": train_rate,
+            "input_wait_frac": waited / epoch_s,  # this rank's share of the epoch spent waiting for batches
             "valid": metrics,
             "train_loss": dict(zip([t.name for t in tasks], mean_losses.tolist())),
             "task_weights": dict(zip([t.name for t in tasks], out["weights"])),

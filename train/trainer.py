@@ -158,10 +158,12 @@ def finalize(prepared: Prepared, checkpoint: Any, out: str | Path, wall_s: float
         arrays = examples.arrays(split)
         metrics[split] = evaluate(model, (collate(b) for b in batches(arrays, 4096)), cfg.tasks)
     rates = [h["samples_per_s"] for h in history if "samples_per_s" in h]
+    waits = [h["input_wait_frac"] for h in history if "input_wait_frac" in h]
     metrics["train"] = {
         # steady state: the first epoch also pays for start-up (first batches, allocator, data warm-up)
         "samples_per_s": float(np.median(rates[1:] or rates)) if rates else 0.0,
         "first_epoch_samples_per_s": rates[0] if rates else 0.0,
+        "input_wait_frac": float(np.median(waits[1:] or waits)) if waits else 0.0,  # rank 0 waiting for batches
         "wall_s": wall_s,
         "epochs": len(history),
         "num_workers": cfg.train.num_workers,

@@ -25,6 +25,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], str]] = {
     "data": ("bench.data_bench", [], "synthetic generator rows/s and peak memory at 1M and 10M rows"),
     "model": ("bench.model_bench", [], "forward+backward samples/s per architecture and encoder mode"),
     "policies": ("bench.policy_bench", [], "fusion-weight policies against the oracle in the simulator"),
+    "quality": ("bench.quality_bench", [], "single-process test AUC against the synthetic oracle as the data grows"),
     "training": ("bench.train_bench", ["throughput"], "Ray Train samples/s, 1 vs 2 workers, frozen vs finetune"),
     "movielens": ("bench.train_bench", ["movielens"], "MovieLens-100K AUC: LLM text vs ID-only"),
     "llm": ("bench.llm_bench", [], "ID only / MiniLM / SmolLM2 frozen and fine-tuned on MovieLens-100K"),

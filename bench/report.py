@@ -82,6 +82,8 @@ def _per_task_runs(doc: dict, runs_key: str = "runs") -> Iterator[Row]:
 def _training(doc: dict) -> Iterator[Row]:
     for name in doc["runs"]:
         yield f"{name}: samples/s", ("runs", name, "samples_per_s")
+        if "input_wait_frac" in doc["runs"][name]:
+            yield f"{name}: share of the epoch waiting for input", ("runs", name, "input_wait_frac")
     for key in sorted(k for k in doc if k.startswith(("scaling_efficiency", "frozen_vs"))):
         yield key.replace("_", " "), (key,)
 
@@ -147,6 +149,11 @@ HEADLINES: list[tuple[str, str, Path_]] = [
     ),
     ("training", "Ray Train, frozen MiniLM vs ID-only samples/s", ("frozen_vs_id_only_1w",)),
     ("training", "Ray Train 2-worker scaling efficiency, frozen MiniLM", ("scaling_efficiency_frozen",)),
+    (
+        "training",
+        "Ray Train 2-worker scaling efficiency, frozen MiniLM, batch 1024 per worker",
+        ("scaling_efficiency_frozen_b1024",),
+    ),
     ("quality", "e-commerce: largest gap to the oracle AUC over tasks", ("runs", -1, "max_gap")),
     ("serving", "HTTP p50 at concurrency 8, full graph (ms)", ("http", "full", "8", "p50_ms")),
     ("serving", "HTTP p50 at concurrency 8, echo floor (ms)", ("http", "echo", "8", "p50_ms")),

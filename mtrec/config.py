@@ -114,6 +114,14 @@ class ModelConfig:
     ple_levels: int = 2
     tower_dim: int = 32
     dropout: float = 0.1
+    # training only: each item's and user's id embedding is zeroed with this probability per batch, so
+    # the network learns to predict without it, as it must for ids unseen in training (their rows are
+    # zero); without it, cold items are over-predicted (DropoutNet, Volkovs et al., NeurIPS 2017)
+    id_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.id_dropout < 1.0:
+            raise ConfigError(f"model.id_dropout={self.id_dropout!r}: must be in [0, 1)")
 
 
 @dataclass

@@ -49,6 +49,15 @@ def embedding(rows: int, dim: int, trained_rows: int | None = None) -> nn.Embedd
     return emb
 
 
+def drop_ids(vectors: Tensor, p: float, training: bool) -> Tensor:
+    """``vectors`` (U, D) id embeddings, each zeroed with probability ``p`` in training (an unseen id's
+    row is zero: the network learns to score without the id); unchanged in evaluation."""
+    if not training or p <= 0.0:
+        return vectors
+    keep = torch.rand(vectors.shape[0], 1, device=vectors.device) >= p
+    return vectors * keep.to(vectors.dtype)
+
+
 def cat_dim(id_dim: int) -> int:
     """Embedding size of a categorical side feature."""
     return max(4, id_dim // 4)
@@ -178,6 +187,7 @@ class ItemTower(nn.Module):
         self.register_buffer("cat", cat)
         self.register_buffer("num", num)
         self.id_emb = embedding(id_vocab_rows, cfg.id_dim, id_trained_rows) if cfg.use_item_ids else None
+        self.id_dropout = cfg.id_dropout
         self.cat_emb = nn.ModuleList(embedding(n, cat_dim(cfg.id_dim)) for n in cat_sizes)
         self.text = text
         self.text_proj = nn.Linear(text_dim, cfg.proj_dim) if text is not None else None
@@ -194,7 +204,7 @@ class ItemTower(nn.Module):
         id_rows, cat, num = (
             (self.id_rows[uniq], self.cat[uniq], self.num[uniq]) if extra is None else self._with_extra(uniq, extra)
         )
-        parts = [] if self.id_emb is None else [self.id_emb(id_rows)]
+        parts = [] if self.id_emb is None else [drop_ids(self.id_emb(id_rows), self.id_dropout, self.training)]
         parts += [emb(cat[:, j]) for j, emb in enumerate(self.cat_emb)]
         parts.append(num)
         if self.text is not None:
@@ -286,6 +296,7 @@ class UserTower(nn.Module):
     ) -> None:
         super().__init__()
         self.id_emb = embedding(id_vocab_rows, cfg.id_dim, id_trained_rows) if cfg.use_user_ids else None
+        self.id_dropout = cfg.id_dropout
         self.cat_emb = nn.ModuleList(embedding(n, cat_dim(cfg.id_dim)) for n in cat_sizes)
         self.pooling: nn.Module | None = None
         if cfg.history == "din":
@@ -305,7 +316,7 @@ class UserTower(nn.Module):
     ) -> Tensor:
         """``user`` (B,), ``cat`` (B, C), ``num`` (B, F), ``history`` (B, L, D) item vectors,
         ``history_mask`` (B, L) bool, ``target`` (B, D) the target item's vector."""
-        parts = [] if self.id_emb is None else [self.id_emb(user)]
+        parts = [] if self.id_emb is None else [drop_ids(self.id_emb(user), self.id_dropout, self.training)]
         parts += [emb(cat[:, j]) for j, emb in enumerate(self.cat_emb)]
         parts.append(num)
         if self.pooling is not None:

@@ -263,3 +263,16 @@ def test_optimizer_gives_the_encoder_its_own_learning_rate(tmp_path):
     assert {id(p) for p in groups[2]["params"]} == {id(p) for p in weighting.parameters()}
     in_groups = sum(len(g["params"]) for g in groups[:2])
     assert in_groups == sum(1 for p in model.parameters() if p.requires_grad)
+
+
+def test_id_dropout_zeroes_a_share_of_id_rows_in_training_only():
+    from mtrec.models.towers import drop_ids
+
+    torch.manual_seed(0)
+    vectors = torch.randn(4000, 8) + 5.0  # no row is zero by chance
+    dropped = drop_ids(vectors, 0.25, training=True)
+    zero = (dropped == 0).all(dim=1)
+    assert abs(zero.float().mean().item() - 0.25) < 0.03
+    assert torch.equal(dropped[~zero], vectors[~zero])  # the kept rows are untouched
+    assert torch.equal(drop_ids(vectors, 0.25, training=False), vectors)
+    assert torch.equal(drop_ids(vectors, 0.0, training=True), vectors)

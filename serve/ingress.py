@@ -167,7 +167,11 @@ class Ingress:
     def __init__(self, embedder: Any, heads: Any, controller: Any, args: dict[str, Any]) -> None:
         self._embedder, self._heads, self._controller = embedder, heads, controller
         self._scales: dict[str, float] | None = None
-        self._catalog = Catalog.load(args["bundle"])
+        self._scorer: Scorer | None = None  # the heads in this replica (heads_in_ingress); else TaskHeads
+        if heads is None:
+            self._scorer = Scorer(load_bundle(args["bundle"]))
+            self._scales = self._scorer.reference_scales()
+        self._catalog = self._scorer.catalog if self._scorer is not None else Catalog.load(args["bundle"])
         self._tasks = {t.name: t for t in self._catalog.meta.tasks}
         self._limits = Limits(args["max_candidates"], args["max_text_chars"])
         _set_body_limit(args["max_body_bytes"])
@@ -176,10 +180,6 @@ class Ingress:
             self._token = os.environ.get(args["auth_token_env"]) or None
             if self._token is None:
                 raise ConfigError(f"auth_token_env: the environment variable {args['auth_token_env']!r} is not set")
-        self._scorer: Scorer | None = None  # the heads in this replica (heads_in_ingress); else TaskHeads
-        if heads is None:
-            self._scorer = Scorer(load_bundle(args["bundle"]))
-            self._scales = self._scorer.reference_scales()
         self._ledger = FeedbackLedger(args["feedback_ttl_s"], args["max_served_requests"])
         priors = normalise_weights({t: s.fusion_weight for t, s in self._tasks.items()})
         self._decision: dict[str, Any] = {"version": 0, "weights": {MAIN: priors}, "traffic": {MAIN: 1.0}}

@@ -2,10 +2,14 @@
 SHELL := /bin/bash
 VENV := . .venv/bin/activate &&
 
-.PHONY: setup demo test lint unit integration bench
+.PHONY: setup system-deps demo test lint unit integration bench
 
 setup:
 	@scripts/setup.sh
+
+# the tests run a real Prometheus server (Debian's package; installed here when missing)
+system-deps:
+	@scripts/system-deps.sh
 
 demo: setup
 	$(VENV) HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 mtrec demo $(DEMO_ARGS)
@@ -13,13 +17,13 @@ demo: setup
 lint: setup
 	$(VENV) ruff check . && ruff format --check .
 
-test: setup lint
+test: setup system-deps lint
 	$(VENV) python -m pytest -q -ra tests
 
 unit: setup
 	$(VENV) python -m pytest -q tests/unit
 
-integration: setup
+integration: setup system-deps
 	$(VENV) python -m pytest -q tests/integration
 
 bench: setup

@@ -29,7 +29,6 @@ BENCHMARKS: dict[str, tuple[str, list[str], str]] = {
     "training": ("bench.train_bench", ["throughput"], "Ray Train samples/s, 1 vs 2 workers, frozen vs finetune"),
     "movielens": ("bench.train_bench", ["movielens"], "MovieLens-100K AUC: LLM text vs ID-only"),
     "llm": ("bench.llm_bench", [], "ID only / MiniLM / SmolLM2 frozen and fine-tuned on MovieLens-100K"),
-    "tune": ("bench.tune_bench", [], "a weighting search: best trial vs equal weights, wall time"),
     "serving": ("bench.serve_bench", [], "HTTP latency and throughput against an echo floor and in-process"),
     "reliability": ("bench.reliability_bench", [], "faults, fuzzing and a soak under load"),
 }

@@ -77,6 +77,8 @@ def _per_task_runs(doc: dict, runs_key: str = "runs") -> Iterator[Row]:
                         yield f"{name}: {task} {metric}", (runs_key, name, task, metric)
         if "samples_per_s" in run:
             yield f"{name}: training samples/s", (runs_key, name, "samples_per_s")
+        if "encode_s" in run:
+            yield f"{name}: one-time encoding of the items (s)", (runs_key, name, "encode_s")
 
 
 def _training(doc: dict) -> Iterator[Row]:

@@ -34,6 +34,7 @@ from typing import Any
 from mtrec.data.contract import atomic_write_text
 
 FULL = {"users": 2000, "items": 1000, "interactions": 100_000, "epochs": 4, "trials": 4, "requests": 1500}
+MAX_TRIALS = 4  # the demo's search stays short; `mtrec tune` runs longer ones
 QUICK = {"users": 300, "items": 200, "interactions": 12_000, "epochs": 2, "trials": 2, "requests": 300}
 
 
@@ -111,11 +112,18 @@ def stage_train(data: Path, out: Path, size: dict[str, int]) -> dict[str, Any]:
 
 def stage_tune(data: Path, out: Path, size: dict[str, int]) -> dict[str, Any]:
     from mtrec.config import load_preset
-    from tune.run import run_search
+    from tune.run import SearchInterrupted, run_search
 
     cfg = load_preset("synthetic-ecommerce").override([f"train.epochs={size['epochs']}", "train.num_workers=1"])
     say(f"3/6 tune: {size['trials']} trials over the loss weighting (equal weights first)")
-    return run_search(cfg, data, out / "tune", size["trials"], "mean_auc", strategies=["static", "uncertainty", "dwa"])
+    try:
+        return run_search(
+            cfg, data, out / "tune", size["trials"], "mean_auc", strategies=["static", "uncertainty", "dwa"]
+        )
+    except SearchInterrupted as e:
+        # Ctrl-C reaches Tune's own handler, which ends the search early; the demo stops as a whole
+        # (its next run starts afresh, so there is nothing to resume)
+        raise KeyboardInterrupt("tuning interrupted") from e
 
 
 def stage_serve(bundle: Path, out: Path, port: int, prometheus_url: str | None, targets: dict[str, float]) -> str:
@@ -293,7 +301,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="out/demo", help="output folder (replaced)")
     p.add_argument("--port", type=int, default=8000, help="Serve HTTP port on 127.0.0.1")
     p.add_argument("--quick", action="store_true", help="a small, fast run (the integration test's mode)")
-    p.add_argument("--trials", type=int, default=None, help="tuning trials (default 4; 2 with --quick)")
+    p.add_argument(
+        "--trials", type=_trials, default=None, help=f"tuning trials, 1 to {MAX_TRIALS} (default 4; 2 with --quick)"
+    )
     p.add_argument("--requests", type=int, default=None, help="simulated requests")
     p.add_argument("--keep-serving", action="store_true", help="leave the service up at the end until Ctrl-C")
     p.add_argument("--no-prometheus", action="store_true", help="scrape Ray's metrics directly, even if installed")
@@ -301,6 +311,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--address", default=None, help="Ray address to join (default: an embedded local Ray)")
     p.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the embedded local Ray")
     return p.parse_args(argv)
+
+
+def _trials(value: str) -> int:
+    n = int(value)
+    if not 1 <= n <= MAX_TRIALS:
+        raise argparse.ArgumentTypeError(
+            f"{n}: the demo's search runs 1 to {MAX_TRIALS} trials (use `mtrec tune` for a longer search)"
+        )
+    return n
 
 
 def _interrupt(signum: int, frame: Any) -> None:

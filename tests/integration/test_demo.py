@@ -8,21 +8,49 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
 
 import pytest
 
 from cluster.ray_env import free_port
 
+SERVING = re.compile(r"\[demo [0-9:]+\] serving on (\S+) ")
+
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
+    """The quick demo with ``--keep-serving``: once it says it is serving, the service answers over
+    HTTP; then Ctrl-C (SIGINT) ends it cleanly (exit 0) and everything it started is stopped."""
     out = tmp_path_factory.mktemp("demo") / "out"
-    cmd = [sys.executable, "-m", "cluster.demo", "--quick", "--out", str(out), "--port", str(free_port())]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=os.environ.copy())
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, json.loads((out / "summary.json").read_text()), proc.stdout
+    cmd = [sys.executable, "-m", "cluster.demo", "--quick", "--keep-serving", "--out", str(out)]
+    cmd += ["--port", str(free_port())]
+    err = out.parent / "stderr.txt"
+    with open(err, "w") as stderr:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=os.environ.copy())
+        lines, deadline = [], time.monotonic() + 900
+        try:
+            for line in proc.stdout:  # the demo prints a line per stage: this loop ends at "serving on"
+                lines.append(line)
+                if SERVING.match(line) or time.monotonic() > deadline:
+                    break
+            kept = "".join(lines)
+            serving = SERVING.match(lines[-1]) if lines else None
+            assert serving, kept[-3000:] + err.read_text()[-3000:]
+            url = serving.group(1)
+            with urllib.request.urlopen(url + "/healthz", timeout=10) as r:
+                assert r.status == 200  # --keep-serving: still up after the summary
+            proc.send_signal(signal.SIGINT)
+            rest, _ = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 0, kept[-3000:] + err.read_text()[-3000:]
+    return out, json.loads((out / "summary.json").read_text()), kept + rest
 
 
 def test_every_stage_ran_and_the_summary_is_sane(demo):
@@ -50,8 +78,6 @@ def test_the_controller_moved_the_weights_from_the_feedback(demo):
 
 def test_the_demo_left_nothing_running(demo):
     out, s, _ = demo
-    import urllib.request
-
     with pytest.raises(OSError):
         urllib.request.urlopen(s["url"] + "/healthz", timeout=3)
     if s["prometheus"]:

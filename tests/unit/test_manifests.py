@@ -55,7 +55,7 @@ def manifest_files() -> list[Path]:
 
 
 def ray_docs(docs: list[dict]) -> list[dict]:
-    return [d for d in docs if d.get("apiVersion") == "ray.io/v1"]
+    return [d for d in docs if isinstance(d, dict) and d.get("apiVersion") == "ray.io/v1"]
 
 
 # ------------------------------------------------------------------------------ CRD schemas, strict
@@ -175,25 +175,49 @@ def versioned_files() -> list[Path]:
     return [*K8S.rglob("*.yaml"), K8S / "Dockerfile", *LAUNCHER.glob("*.yaml")]
 
 
+def version_problems(paths: list[Path], pin: str) -> list[str]:
+    """Each file naming a Ray version other than ``pin`` (a rayVersion, an image tag, a pip pin), each
+    Ray custom resource whose rayVersion is not ``pin``, and a Dockerfile not built on RAY_VERSION."""
+    problems = []
+    for path in paths:
+        text = path.read_text()
+        found = ray_versions(text)
+        if any(v != pin for v in found):
+            problems.append(f"{path}: Ray versions {found} differ from pyproject's {pin}")
+        if path.suffix == ".yaml":
+            for doc in ray_docs(load_docs(path)):
+                spec = doc
+                for key in CLUSTER_SPEC.get(doc["kind"], ()):
+                    spec = spec[key]
+                if spec.get("rayVersion") != pin:
+                    problems.append(
+                        f"{path}: {doc['kind']} {doc['metadata']['name']} rayVersion {spec.get('rayVersion')}"
+                    )
+        elif path.name == "Dockerfile" and not re.search(r"FROM rayproject/ray:\$\{RAY_VERSION\}", text):
+            problems.append(f"{path}: the base image is not rayproject/ray:${{RAY_VERSION}}")
+    return problems
+
+
 def test_one_ray_version_everywhere():
+    assert version_problems(versioned_files(), ray_pin()) == []
+
+
+def test_a_wrong_ray_version_fails(tmp_path):
+    """Each way a version can drift is caught, by the same check as above, and the message names the file."""
     pin = ray_pin()
-    for path in versioned_files():
-        found = ray_versions(path.read_text())
-        assert all(v == pin for v in found), f"{path}: Ray versions {found} differ from pyproject's {pin}"
-    for doc in (d for p in manifest_files() for d in ray_docs(load_docs(p))):
-        spec = doc
-        for key in CLUSTER_SPEC[doc["kind"]]:
-            spec = spec[key]
-        assert spec["rayVersion"] == pin, doc["metadata"]["name"]
-    assert re.search(r"FROM rayproject/ray:\$\{RAY_VERSION\}", (K8S / "Dockerfile").read_text())
-
-
-def test_a_wrong_ray_version_fails():
+    job = tmp_path / "rayjob.train.yaml"
     (doc,) = load_docs(K8S / "jobs" / "rayjob.train.yaml")
-    broken = copy.deepcopy(doc)
-    broken["spec"]["rayClusterSpec"]["rayVersion"] = "2.59.0"
-    found = ray_versions(yaml.safe_dump(broken))
-    assert "2.59.0" in found and ray_pin() in found  # the check above would name this file
+    doc["spec"]["rayClusterSpec"]["rayVersion"] = "2.59.0"
+    job.write_text(yaml.safe_dump(doc))
+    tag = tmp_path / "raycluster.autoscaling.yaml"  # rayVersion right, the image tag wrong
+    tag.write_text((K8S / "base" / tag.name).read_text().replace(f"ray-mtrec:ray{pin}", "ray-mtrec:ray2.59.0"))
+    docker = tmp_path / "Dockerfile"
+    docker.write_text((K8S / "Dockerfile").read_text().replace(f"ARG RAY_VERSION={pin}", "ARG RAY_VERSION=2.59.0"))
+    assert "2.59.0" not in "".join(p.read_text() for p in versioned_files())  # the originals agree with the pin
+    for path in (job, tag, docker):
+        problems = version_problems([path], pin)
+        assert problems and all(str(path) in m for m in problems), (path, problems)
+    assert any("RayJob mtrec-train rayVersion 2.59.0" in m for m in version_problems([job], pin))
 
 
 def test_dockerfile_copies_what_exists_and_installs_the_package():

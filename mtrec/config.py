@@ -108,9 +108,6 @@ class ModelConfig:
     use_user_ids: bool = True
     history: Literal["din", "transformer", "mean", "none"] = "din"
     proj_dim: int = 64  # text vectors are projected to this size
-    # 0: the text projection is linear; > 0: an MLP with one hidden layer this wide, which can read
-    # attributes a language model's vector does not hold linearly (e.g. a star rating among the words)
-    text_hidden: int = 0
     expert_dim: int = 64
     num_experts: int = 4  # MMoE experts; PLE shared experts per level
     specific_experts: int = 1  # PLE task-specific experts per task per level
@@ -125,8 +122,6 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.id_dropout < 1.0:
             raise ConfigError(f"model.id_dropout={self.id_dropout!r}: must be in [0, 1)")
-        if self.text_hidden < 0:
-            raise ConfigError(f"model.text_hidden={self.text_hidden!r}: must be 0 (linear) or a positive width")
 
 
 @dataclass

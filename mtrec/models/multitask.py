@@ -22,7 +22,7 @@ from mtrec.errors import ConfigError
 from mtrec.features import FeatureMeta
 from mtrec.models.architectures import ARCHITECTURES
 from mtrec.models.losses import parents_first
-from mtrec.models.towers import ExtraItems, ItemTower, TextVectors, UserTower, mlp, text_projection
+from mtrec.models.towers import ExtraItems, ItemTower, TextVectors, UserTower, mlp
 
 if TYPE_CHECKING:
     from mtrec.encoders import TextEncoder
@@ -69,7 +69,7 @@ class MultiTaskModel(nn.Module):
         )
         self._use_history = m.history != "none"
         self.context_text = context_text
-        self.context_proj = text_projection(text_dim, m) if context_text is not None else None
+        self.context_proj = nn.Linear(text_dim, m.proj_dim) if context_text is not None else None
         in_dim = 3 * m.proj_dim + (m.proj_dim if context_text is not None else 0) + len(meta.inter_num)
         if m.arch not in ARCHITECTURES:
             raise ConfigError(f"model.arch: {m.arch!r} is not one of {', '.join(ARCHITECTURES)}")

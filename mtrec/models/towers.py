@@ -58,13 +58,6 @@ def drop_ids(vectors: Tensor, p: float, training: bool) -> Tensor:
     return vectors * keep.to(vectors.dtype)
 
 
-def text_projection(text_dim: int, cfg: ModelConfig) -> nn.Module:
-    """Text vector ``(..., text_dim)`` -> ``(..., proj_dim)``: linear, or an MLP (``cfg.text_hidden``)."""
-    if cfg.text_hidden <= 0:
-        return nn.Linear(text_dim, cfg.proj_dim)
-    return mlp([text_dim, cfg.text_hidden, cfg.proj_dim])
-
-
 def cat_dim(id_dim: int) -> int:
     """Embedding size of a categorical side feature."""
     return max(4, id_dim // 4)
@@ -197,7 +190,7 @@ class ItemTower(nn.Module):
         self.id_dropout = cfg.id_dropout
         self.cat_emb = nn.ModuleList(embedding(n, cat_dim(cfg.id_dim)) for n in cat_sizes)
         self.text = text
-        self.text_proj = text_projection(text_dim, cfg) if text is not None else None
+        self.text_proj = nn.Linear(text_dim, cfg.proj_dim) if text is not None else None
         width = (cfg.id_dim if cfg.use_item_ids else 0) + len(cat_sizes) * cat_dim(cfg.id_dim) + num.shape[1]
         width += cfg.proj_dim if text is not None else 0
         if width == 0:

@@ -107,12 +107,10 @@ def task_mixes(draw) -> list[TaskSpec]:
     arch=st.sampled_from(sorted(ARCHITECTURES)),
     history=st.sampled_from(["din", "transformer", "mean", "none"]),
     mode=st.sampled_from(["frozen", "none"]),
-    text_hidden=st.sampled_from([0, 16]),
 )
-def test_shapes_finite_losses_esmm_and_gates(tasks, arch, history, mode, text_hidden):
+def test_shapes_finite_losses_esmm_and_gates(tasks, arch, history, mode):
     torch.manual_seed(0)
     cfg, meta = tiny_config(arch, history, mode), tiny_meta(tasks)
-    cfg.model.text_hidden = text_hidden  # the text projection: linear, or an MLP
     model = frozen_model(cfg, meta)
     batch = tiny_batch(meta)
     preds = model(batch)

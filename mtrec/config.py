@@ -65,6 +65,10 @@ class EncoderConfig:
     revision: str = "main"
     mode: Literal["frozen", "finetune", "none"] = "frozen"  # none: ID-only model, no text
     pooling: Literal["mean", "cls", "last"] = "mean"
+    # hidden states pooled into the text vector, concatenated: 0 is the embeddings' output, -1 the last
+    # layer's. A sentence encoder's last layer keeps the gist and drops lexical detail that lower layers
+    # still hold (a star rating among the words): [-1, -2, -3] keeps both, for a 3x wider vector
+    layers: list[int] = field(default_factory=lambda: [-1])
     max_length: int = 64
     # finetune mode: the top `finetune_layers` layers train whole (top_layers), or only LoRA adapters
     # on their projections train (lora; Hu et al., ICLR 2022) while the base weights stay frozen

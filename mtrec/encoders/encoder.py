@@ -91,6 +91,19 @@ def _is_causal(model: nn.Module) -> bool:
     return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
+def _check_layers(layers: tuple[int, ...] | list[int], num_layers: int) -> tuple[int, ...]:
+    """``encoder.layers``: distinct hidden-state indexes, 0 the embeddings' output .. ``num_layers`` the
+    last layer's (negative: from the end, -1 the last)."""
+    out = tuple(int(k) for k in layers)
+    bad = [k for k in out if not -(num_layers + 1) <= k <= num_layers]
+    if not out or bad or len({k % (num_layers + 1) for k in out}) != len(out):
+        raise ConfigError(
+            f"encoder.layers {list(layers)}: give one or more distinct hidden-state indexes in "
+            f"[{-(num_layers + 1)}, {num_layers}] (this model has {num_layers} layers; -1 is the last)"
+        )
+    return out
+
+
 class TextEncoder(nn.Module):
     """Texts -> (N, D) float vectors through a Hugging Face model and a pooling.
 
@@ -108,6 +121,7 @@ class TextEncoder(nn.Module):
         model_id: str | None = None,
         max_chars: int = 2000,
         bf16: bool = False,
+        layers: tuple[int, ...] | list[int] = (-1,),
     ):
         super().__init__()
         if pooling not in POOLINGS:
@@ -122,6 +136,7 @@ class TextEncoder(nn.Module):
         self._prompt = prompt
         self._bf16 = bf16
         self.lora: dict[str, Any] | None = None  # set by mtrec.encoders.lora.apply_lora
+        self.layers = _check_layers(layers, int(model.config.num_hidden_layers))
         self._model_id = model_id or f"{model.config.name_or_path or model.config.model_type}@local"
         self._causal = _is_causal(model)
         self._prompt_parts = split_prompt(prompt)
@@ -160,13 +175,15 @@ class TextEncoder(nn.Module):
             cfg.prompt,
             model_id=f"{cfg.name}@{cfg.revision}",
             bf16=cfg.bf16,
+            layers=cfg.layers,
         )
         enc.prepare_finetuning(cfg)
         return enc
 
     @property
     def dim(self) -> int:
-        return int(self.model.config.hidden_size)
+        """The vector size: the hidden size times the number of pooled layers."""
+        return int(self.model.config.hidden_size) * len(self.layers)
 
     @property
     def max_length(self) -> int:
@@ -187,6 +204,8 @@ class TextEncoder(nn.Module):
         """sha256 over the model id, the text settings and a sample of every parameter tensor (its
         first and last 64 values): changes when the weights are fine-tuned or swapped, in milliseconds."""
         settings: list[Any] = [self._model_id, self.pooling, self._max_length, self._prompt, self.max_chars]
+        if self.layers != (-1,):
+            settings.append(list(self.layers))  # (the last layer alone keeps the keys it always had)
         if self._autocast_on(next(self.model.parameters()).device):
             settings.append("bf16")  # other numbers than float32: other cache entries
         h = hashlib.sha256(json.dumps(settings).encode())
@@ -240,8 +259,11 @@ class TextEncoder(nn.Module):
                 extra["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         amp = self._autocast_on(input_ids.device)
         with torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext():
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra)
-        return pool(out.last_hidden_state, attention_mask, self.pooling)
+            if self.layers == (-1,):
+                out = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra)
+                return pool(out.last_hidden_state, attention_mask, self.pooling)
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **extra)
+        return torch.cat([pool(out.hidden_states[k], attention_mask, self.pooling) for k in self.layers], dim=-1)
 
     def _autocast_on(self, device: torch.device) -> bool:
         """bfloat16 autocast: asked for, and on a GPU (on the CPU the model stays float32)."""

@@ -169,6 +169,29 @@ def test_encode_shapes_and_order(arch):
     assert enc.encode([]).shape == (0, 32)
 
 
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_layers_concatenate_pooled_hidden_states(arch):
+    """encoder.layers: each listed hidden state pooled, side by side; [-1] is the plain last layer."""
+    last, several = encoder(arch), encoder(arch, layers=[-1, 0, 1])
+    several.load_state_dict(last.state_dict())
+    out = several.encode(TEXTS)
+    assert several.dim == 3 * last.dim == out.shape[1]
+    torch.testing.assert_close(out[:, : last.dim], last.encode(TEXTS))
+    batch = last.pad(last.token_ids(TEXTS))
+    with torch.no_grad():
+        hidden = last.model(**batch, output_hidden_states=True).hidden_states
+    mask = batch["attention_mask"]
+    torch.testing.assert_close(out[:, last.dim : 2 * last.dim], pool(hidden[0], mask, "mean"))
+    torch.testing.assert_close(out[:, 2 * last.dim :], pool(hidden[1], mask, "mean"))
+    assert several.fingerprint() != last.fingerprint()  # other vectors: other cache entries
+
+
+@pytest.mark.parametrize("layers", [[], [3], [-4], [-1, 2]])
+def test_layers_outside_the_model_or_repeated_are_named(layers):
+    with pytest.raises(ConfigError, match=r"encoder.layers .*this model has 2 layers"):
+        encoder("bert", layers=layers)
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize("pooling", ["last", "mean"])
 def test_decoder_pooling_equals_unpadded_on_either_padding_side(arch, pooling):

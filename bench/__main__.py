@@ -5,9 +5,9 @@
     python -m bench --list
     python -m bench --report-only    # only regenerate BENCHMARKS.md from bench/results/
 
-Each benchmark runs in its own process (a fresh Ray, no memory carried over), repeats its timings and
-reports medians, and writes ``bench/results/<name>.json`` plus its plots. Extra arguments after ``--``
-go to every selected benchmark.
+Each benchmark runs in its own process (a fresh Ray, no memory carried over), reports medians (over
+repeated timings, or over a training run's steady-state epochs), and writes
+``bench/results/<name>.json`` plus its plots. Extra arguments after ``--`` go to every selected benchmark.
 """
 
 from __future__ import annotations

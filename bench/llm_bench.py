@@ -1,11 +1,12 @@
 """Encoder against decoder LLM backbones on MovieLens-100K click/like (``python -m bench.llm_bench``).
 
-Five rows on the ``movielens`` preset's data, split and model (MMoE, DIN history of 30 items, time
+Six rows on the ``movielens`` preset's data, split and model (MMoE, DIN history of 30 items, time
 split 80/10/10, the same prepared examples for every row), trained single-process by
 :func:`mtrec.engine.fit` (Ray Train throughput is benchmarked in ``bench.train_bench``):
 
 ``id_only``          no text (``encoder.mode=none``)
 ``minilm_frozen``    all-MiniLM-L6-v2, vectors encoded once and cached (the preset's default)
+``minilm_frozen_l3`` the same, its last three layers mean-pooled side by side (``encoder.layers``)
 ``smollm2_frozen``   SmolLM2-135M-Instruct, mean-pooled, vectors encoded once and cached
 ``minilm_top2``      MiniLM with its top 2 layers fine-tuned with the heads
 ``smollm2_lora``     SmolLM2 with rank-8 LoRA adapters on q_proj/v_proj of its top 2 layers
@@ -40,6 +41,7 @@ from bench.train_bench import SHARED_DATA
 FROZEN_ROWS: dict[str, list[str]] = {
     "id_only": ["encoder.mode=none"],
     "minilm_frozen": ["encoder.name=minilm", "encoder.mode=frozen"],
+    "minilm_frozen_l3": ["encoder.name=minilm", "encoder.mode=frozen", "encoder.layers=[-1,-2,-3]"],
     "smollm2_frozen": ["encoder.name=smollm2", "encoder.mode=frozen", "encoder.pooling=mean"],
 }
 # row -> (frozen row it starts from, overrides); the heads continue at a low rate (a fresh AdamW at the
@@ -224,8 +226,8 @@ def _save(rows: dict[str, dict[str, Any]], args: argparse.Namespace, counts: dic
             "evaluation": "the same test split for every row; cold = items unseen in training",
             "encode_s": "frozen rows: encoding the catalogue into an empty cache; fine-tuned rows: one pass "
             "of the trained encoder over the test split's items (as a bundle encodes the catalogue once)",
-            "samples_per_s": "training samples/s on a 2-core CPU shared with other jobs (load average 2-20 "
-            "during the run), the bench at nice 10: distorted by contention, compare within this file only",
+            "samples_per_s": "training samples/s, mean over the epochs run, single process with 2 threads on "
+            "a 2-core CPU with nothing else running",
         },
         "runs": rows,
     }

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -90,25 +89,34 @@ def test_objective_values():
 
 @pytest.fixture(scope="module")
 def ecommerce_run(tmp_path_factory, vector_cache):
-    """Frozen MiniLM vectors, MMoE with DIN history, on 100k synthetic e-commerce interactions.
+    """Frozen MiniLM vectors from its last three layers, MMoE with DIN history, no ids, on 500k synthetic
+    e-commerce interactions (2 cores: about 2.5 min of training).
 
-    Seen on this data (2 cores, ~45 s): click 0.738 / oracle 0.771, add_to_cart 0.753 / 0.786,
-    purchase 0.765 / 0.820, ad_click 0.755 / 0.793. A logistic regression given the items' TRUE
-    latent attributes (ESMM-chained for the funnel) reaches 0.759, 0.765, 0.775 and 0.766: with 80k
-    training rows (1.6k purchases) the 0.02 bar is beyond finite-sample reach for purchase and
-    ad_click. With 300k interactions this model's gaps are 0.019, 0.027, 0.030, 0.016; at 1M, with user
-    and item ids and wider experts, 0.022, 0.023, 0.024, 0.028; adding model.id_dropout=0.5
-    (bench/results/quality.json), 0.019, 0.018, 0.021, 0.024.
+    What got it within the bar (``bench/results/quality.json``; gaps click / add_to_cart / purchase /
+    ad_click):
+    - MiniLM's last layer alone holds the items' star rating poorly: a linear read-out of the quality
+      level from it has R^2 0.72, from the layers below 0.97-0.99. So the model under-used quality
+      (residual logits +0.37 .. -0.18 from 1 to 5 stars) and cold items, known only by their text,
+      lagged. ``encoder.layers=[-1,-2,-3]`` closes both.
+    - Ids hurt once the text is read well: the item text says nearly all there is to know about an item
+      (the hidden popularity has sd 0.15), and user ids overfit even with 500 rows per user. At 1M with
+      ids, id_dropout 0.5 and the three layers: 0.017, 0.017, 0.019, 0.021; without ids: 0.008, 0.009,
+      0.009, 0.010. Here, at 500k: 0.011, 0.012, 0.013, 0.010.
+    - At 100k interactions the bar is beyond reach (a logistic regression handed the true latent
+      attributes has gaps of 0.012 to 0.045); at 300k it is met by 0.001 to 0.005.
     """
     torch.set_num_threads(2)
     root = tmp_path_factory.mktemp("quality")
-    data = generate("ecommerce", root / "data", num_users=2000, num_items=1000, num_interactions=100_000, seed=0)
+    data = generate("ecommerce", root / "data", num_users=2000, num_items=1000, num_interactions=500_000, seed=0)
     cfg = Config().override(
         [
             "model.arch=mmoe",
             "model.history=din",
-            "model.use_user_ids=false",  # ids memorise the ~40 train rows per user; text and side features generalise
+            "model.use_user_ids=false",
             "model.use_item_ids=false",
+            "model.expert_dim=128",
+            "encoder.layers=[-1,-2,-3]",
+            "train.batch_size=512",
             "train.epochs=8",
             "train.early_stop_patience=0",
             f"encoder.cache_dir={vector_cache}",
@@ -116,19 +124,23 @@ def ecommerce_run(tmp_path_factory, vector_cache):
     )
     result = fit(cfg, data, root / "run")
     oracle = oracle_metrics(data, "test")
-    got = {t: result.metrics["test"][t]["auc"] for t in oracle}
-    report = ", ".join(f"{t}: {got[t]:.4f} vs oracle {oracle[t]['auc']:.4f}" for t in oracle)
-    return result, oracle, got, report
+    got = {t: result.metrics["test"][t] for t in oracle}
+    report = ", ".join(
+        f"{t}: {got[t]['auc']:.4f} vs oracle {oracle[t]['auc']:.4f} (cold items {got[t]['cold_auc']:.4f} vs "
+        f"{oracle[t]['cold_auc']:.4f})"
+        for t in oracle
+    )
+    return oracle, got, report
 
 
-def test_quality_on_ecommerce_captures_most_of_the_achievable_lift(ecommerce_run):
-    """Every task's test AUC captures at least 75% of the oracle's lift over chance (seen: 83-89%)."""
-    result, oracle, got, report = ecommerce_run
-    assert all(got[t] - 0.5 >= 0.75 * (oracle[t]["auc"] - 0.5) for t in oracle), report
-    assert np.isfinite(result.metrics["test"]["click"]["cold_auc"])
-
-
-@pytest.mark.xfail(strict=True, reason="open: 0.02 of the oracle needs more data or a stronger model (see fixture)")
 def test_quality_on_ecommerce_is_within_the_margin_of_the_oracle(ecommerce_run):
-    _, oracle, got, report = ecommerce_run
-    assert all(got[t] >= oracle[t]["auc"] - QUALITY_MARGIN for t in oracle), report
+    """Every task's test AUC is within 0.02 of the best achievable (the true probabilities' AUC)."""
+    oracle, got, report = ecommerce_run
+    assert all(got[t]["auc"] >= oracle[t]["auc"] - QUALITY_MARGIN for t in oracle), report
+
+
+def test_cold_items_are_scored_from_their_text_about_as_well(ecommerce_run):
+    """Items released after the training window (no training rows; 14% of test rows) trail the oracle
+    on those rows by at most 0.03: the text alone carries what the model knows of an item."""
+    oracle, got, report = ecommerce_run
+    assert all(got[t]["cold_auc"] >= oracle[t]["cold_auc"] - 0.03 for t in oracle), report

@@ -31,7 +31,16 @@ def demo(tmp_path_factory):
     cmd += ["--port", str(free_port())]
     err = out.parent / "stderr.txt"
     with open(err, "w") as stderr:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=os.environ.copy())
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            env=os.environ.copy(),
+            # Ctrl-C as in a terminal: a test run started in the background (`make test &`, some CI
+            # runners) ignores SIGINT, and the demo would inherit that
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
         lines, deadline = [], time.monotonic() + 900
         try:
             for line in proc.stdout:  # the demo prints a line per stage: this loop ends at "serving on"

@@ -141,7 +141,7 @@ def cv_ridge_r2(x: np.ndarray, y: np.ndarray, alpha: float = 10.0, folds: int = 
 
 
 def test_minilm_lower_layers_hold_the_star_rating_its_last_layer_drops(tmp_path):
-    """Why the synthetic-ecommerce preset sets encoder.layers=[-1, -2, -3]: on the synthetic catalogue
+    """Why the quality test reads encoder.layers=[-1, -2, -3]: on the synthetic catalogue
     a linear read-out of each item's quality level (stated in words: "top rated with five stars",
     "two-star reviews", ...) from MiniLM's last layer has R^2 ~0.72, from the three last layers ~0.97."""
     import pyarrow.parquet as pq

@@ -3,7 +3,8 @@
 On the ``ecommerce`` scenario the best achievable test AUC of each task is known: the AUC of the true
 probabilities against the drawn labels (:func:`mtrec.data.synthetic.oracle_metrics`). This trains the
 quality test's model (frozen MiniLM vectors from its last three layers, MMoE with 128-wide experts, DIN
-history, no ids) single-process with :func:`mtrec.engine.fit` at several dataset sizes and reports each task's gap to the oracle; the bar is a gap of at most 0.02
+history, no ids) single-process with :func:`mtrec.engine.fit` at several dataset sizes and reports each
+task's gap to the oracle; the bar is a gap of at most 0.02
 on every task. Results: ``bench/results/quality.json`` and ``quality.png``.
 """
 

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from bench.quality_bench import OVERRIDES
 from mtrec.config import Config
 from mtrec.data.synthetic import generate, oracle_metrics
 from mtrec.engine import batches, fit, make_optimizer, objective_value, train_step
@@ -108,20 +109,7 @@ def ecommerce_run(tmp_path_factory, vector_cache):
     torch.set_num_threads(2)
     root = tmp_path_factory.mktemp("quality")
     data = generate("ecommerce", root / "data", num_users=2000, num_items=1000, num_interactions=500_000, seed=0)
-    cfg = Config().override(
-        [
-            "model.arch=mmoe",
-            "model.history=din",
-            "model.use_user_ids=false",
-            "model.use_item_ids=false",
-            "model.expert_dim=128",
-            "encoder.layers=[-1,-2,-3]",
-            "train.batch_size=512",
-            "train.epochs=8",
-            "train.early_stop_patience=0",
-            f"encoder.cache_dir={vector_cache}",
-        ]
-    )
+    cfg = Config().override([*OVERRIDES, f"encoder.cache_dir={vector_cache}"])  # the quality bench's model
     result = fit(cfg, data, root / "run")
     oracle = oracle_metrics(data, "test")
     got = {t: result.metrics["test"][t] for t in oracle}

@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from mtrec.data.contract import atomic_write_text
+from mtrec.io import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     from mtrec.config import load_preset
     from mtrec.data.movielens import convert
     from mtrec.features import prepare_examples
-    from train.trainer import resolve_config
+    from mtrec_train.trainer import resolve_config
 
     src = SHARED_DATA / "ml-100k"
     if not src.exists():

@@ -3,18 +3,18 @@ then each fault under load, then the fuzz of the HTTP API.
 
 1. **soak**: ``--rate`` recommend requests per second (open loop: each is sent at its scheduled time,
    whatever the previous ones do), each followed by the feedback that
-   :class:`cluster.traffic.SimulatedUsers` draws from the synthetic truth, for ``--minutes``. Per
+   :class:`mtrec_app.traffic.SimulatedUsers` draws from the synthetic truth, for ``--minutes``. Per
    minute: requests, errors, p50 / p99 latency, the worst lag of a send behind its schedule. Every
    ``--sample-s``: the RSS of each process of the app (Ingress, Embedder, TaskHeads and
    WeightController replicas, Serve's proxy and controller). Memory growth: the mean RSS of the last
    minute against that of the first minute after the warm-up minute (bar: under 5%);
-2. **faults** under load from 4 client threads (:mod:`cluster.faults`): a TaskHeads replica killed
+2. **faults** under load from 4 client threads (:mod:`mtrec_app.faults`): a TaskHeads replica killed
    (one of two); the controller's Prometheus answering garbage, errors and slowly; a corrupt, a newer
    and a misshapen bundle offered for redeployment. Requests sent and failed under each;
-3. **fuzz**: :func:`cluster.faults.fuzz_api` (schemathesis from ``/openapi.json``, valid, invalid and
+3. **fuzz**: :func:`mtrec_app.faults.fuzz_api` (schemathesis from ``/openapi.json``, valid, invalid and
    servable bodies, plus the hand-written hostile requests): cases tried, 5xx seen.
 
-The controller reads a stand-in Prometheus (:class:`cluster.faults.FakePrometheus`, good answers
+The controller reads a stand-in Prometheus (:class:`mtrec_app.faults.FakePrometheus`, good answers
 except during fault 2); the real feedback path is measured by ``bench.policy_bench`` and the demo.
 
     python -m bench.reliability_bench [--minutes 5] [--rate 20] [--fuzz-examples 50]
@@ -108,7 +108,7 @@ class MemorySampler:
 
 def soak(users: Any, rate: float, seconds: float) -> list[dict[str, Any]]:
     """Open-loop traffic at ``rate`` requests/s for ``seconds``; one summary per minute."""
-    from cluster.traffic import TrafficReport
+    from mtrec_app.traffic import TrafficReport
 
     minutes = int(seconds // 60) + (seconds % 60 > 0)
     reports = [TrafficReport() for _ in range(minutes)]
@@ -146,12 +146,12 @@ def soak(users: Any, rate: float, seconds: float) -> list[dict[str, Any]]:
 
 
 def faults(users: Any, bundle: Path, fake: Any, work: Path) -> dict[str, dict[str, Any]]:
-    """Each fault of :mod:`cluster.faults` under load: requests sent and failed, and what it did."""
+    """Each fault of :mod:`mtrec_app.faults` under load: requests sent and failed, and what it did."""
     import ray.serve
 
-    from cluster.faults import BAD_MODES, bad_bundles, kill_replica, under_load
     from mtrec.errors import BundleError
-    from serve.app import build_app
+    from mtrec_app.faults import BAD_MODES, bad_bundles, kill_replica, under_load
+    from mtrec_serve.app import build_app
 
     out: dict[str, dict[str, Any]] = {}
 
@@ -203,11 +203,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import ray.serve
 
     from bench.serve_bench import build_bundle
-    from cluster.faults import FakePrometheus, fuzz_api, hostile_requests
-    from cluster.ray_env import ensure_ray, free_port
-    from cluster.traffic import SimulatedUsers
     from mtrec.serving import Catalog
-    from serve.app import AppArgs, graph
+    from mtrec_app.faults import FakePrometheus, fuzz_api, hostile_requests
+    from mtrec_app.traffic import SimulatedUsers
+    from mtrec_cluster.ray_env import ensure_ray, free_port
+    from mtrec_serve.app import AppArgs, graph
 
     tmp = tempfile.TemporaryDirectory()
     work = Path(tmp.name)

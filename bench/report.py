@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import RESULTS
-from mtrec.data.contract import atomic_write_text
+from mtrec.io import atomic_write_text
 
 OUT = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 

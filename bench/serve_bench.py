@@ -155,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray.serve
 
-    from cluster.ray_env import ensure_ray, free_port
-    from serve.app import AppArgs, graph
+    from mtrec_cluster.ray_env import ensure_ray, free_port
+    from mtrec_serve.app import AppArgs, graph
 
     tmp = tempfile.TemporaryDirectory()
     bundle = Path(args.bundle) if args.bundle else build_bundle(Path(tmp.name))

@@ -49,7 +49,7 @@ THROUGHPUT_RUNS = {
 
 def _train(preset: str, overrides: list[str], data: Path, out: Path) -> dict[str, Any]:
     from mtrec.config import load_preset
-    from train.trainer import run_training
+    from mtrec_train.trainer import run_training
 
     cfg = load_preset(preset).override(overrides)
     return run_training(cfg, data, out)
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interactions", type=int, default=100_000)
     p.add_argument("--finetune-interactions", type=int, default=5_000)
     args = p.parse_args(argv)
-    from cluster.ray_env import ensure_ray
+    from mtrec_cluster.ray_env import ensure_ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a loopback-only local Ray for the benchmark
     ensure_ray(num_cpus=4)

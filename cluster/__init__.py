@@ -1,1 +1,1 @@
-"""Cluster operations: local Ray up/down, Prometheus configuration, job submission, the demo."""
+"""The Ray environment every glue package shares: starting or joining Ray, local Ray up/down, Prometheus, job submission."""

@@ -24,8 +24,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.ray_env import free_port
 from mtrec.errors import ConfigError, MtrecError
+from mtrec_cluster.ray_env import free_port
 
 SD_FILE = "prom_metrics_service_discovery.json"
 DEFAULT_BINARY = "/usr/bin/prometheus"

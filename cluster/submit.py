@@ -1,6 +1,6 @@
 """``mtrec submit train|tune [--address URL] -- ARGS``: run training or tuning as a Ray job.
 
-The job's entrypoint is ``python -m train.run ARGS`` (or ``tune.run``); its runtime environment's
+The job's entrypoint is ``python -m mtrec_train.run ARGS`` (or ``mtrec_tune.run``); its runtime environment's
 ``working_dir`` is this repository, uploaded by Ray (without the virtualenv, benchmark results, run
 outputs and local data). The command streams the job's logs and exits with the job's status:
 0 when it SUCCEEDED, the driver's exit code (or 1) when it FAILED, 1 when it was STOPPED; Ctrl-C
@@ -22,27 +22,27 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cluster.cli import read_state, token_headers
 from mtrec.errors import MtrecError
+from mtrec_cluster.local import read_state, token_headers
 
 REPO = Path(__file__).resolve().parent.parent
-ENTRYPOINTS = {"train": "train.run", "tune": "tune.run"}
+ENTRYPOINTS = {"train": "mtrec_train.run", "tune": "mtrec_tune.run"}
 # gitignore syntax, anchored at the working_dir ("/data", not "data": mtrec/data is code). Ray also honours .gitignore.
 EXCLUDES = ["/.git", "/.venv", "/bench/results", "/data", "/out", "/runs", "**/__pycache__", "*.egg-info"]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 
 
 def entrypoint(kind: str, args: list[str]) -> str:
-    """The job's shell command: ``python -m train.run ARGS`` (arguments quoted for the shell)."""
+    """The job's shell command: ``python -m mtrec_train.run ARGS`` (arguments quoted for the shell)."""
     if kind not in ENTRYPOINTS:
         raise MtrecError(f"submit: unknown job kind {kind!r}; valid: {', '.join(ENTRYPOINTS)}")
     return shlex.join(["python", "-m", ENTRYPOINTS[kind], *args])
 
 
 def runtime_env(working_dir: str | Path = REPO, env_vars: dict[str, str] | None = None) -> dict[str, Any]:
-    """The job's runtime environment: the repository as ``working_dir`` (so ``python -m train.run`` resolves
+    """The job's runtime environment: the repository as ``working_dir`` (so ``python -m mtrec_train.run`` resolves
     on every node) and the environment variables a Ray on a shared host needs."""
-    from cluster.ray_env import CLUSTER_FLAG, LOCAL_ENV
+    from mtrec_cluster.ray_env import CLUSTER_FLAG, LOCAL_ENV
 
     env = {k: v for k, v in LOCAL_ENV.items() if k != CLUSTER_FLAG}  # a node setting
     return {"working_dir": str(working_dir), "excludes": list(EXCLUDES), "env_vars": {**env, **(env_vars or {})}}
@@ -120,7 +120,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
         prog="mtrec submit",
         description=__doc__.split("\n")[0],
-        usage="mtrec submit {train,tune} [options] -- [arguments of train.run / tune.run]",
+        usage="mtrec submit {train,tune} [options] -- [arguments of mtrec_train.run / mtrec_tune.run]",
         epilog="example: mtrec submit train -- --data /data/ecommerce --out /shared/runs/r1 model.arch=mmoe",
     )
     parser.add_argument("kind", choices=sorted(ENTRYPOINTS))

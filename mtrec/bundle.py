@@ -30,9 +30,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from mtrec.config import Config
-from mtrec.data.contract import atomic_dir
 from mtrec.errors import BundleError, MtrecError
 from mtrec.features import FeatureMeta
+from mtrec.io import atomic_dir
 from mtrec.models import MultiTaskModel, build_model
 
 if TYPE_CHECKING:

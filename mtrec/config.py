@@ -278,7 +278,7 @@ def _set_path(d: dict[str, Any], key: str, value: Any, cls: type) -> None:
         node_cls = hint if dataclasses.is_dataclass(hint) else dict
 
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "train" / "presets"
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
 
 def preset_names() -> list[str]:
@@ -286,7 +286,7 @@ def preset_names() -> list[str]:
 
 
 def load_preset(name_or_path: str) -> Config:
-    """A named preset (``train/presets/NAME.yaml``) or a YAML file path, over the defaults."""
+    """A named preset (``mtrec/presets/NAME.yaml``) or a YAML file path, over the defaults."""
     path = Path(name_or_path)
     if not path.suffix:
         path = PRESET_DIR / f"{name_or_path}.yaml"

@@ -48,13 +48,13 @@ from mtrec.data.contract import (
     SPLITS,
     USERS,
     Problem,
-    atomic_dir,
     load_table,
     read_tasks,
     task_problems,
 )
 from mtrec.data.splits import mark_cold_items, time_split
 from mtrec.errors import DataError
+from mtrec.io import atomic_dir
 
 META_VERSION = 1
 META = "meta.json"

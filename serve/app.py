@@ -1,4 +1,4 @@
-"""``serve.app:build_app``: the serving graph of a bundle, the ``import_path`` of every Serve config.
+"""``mtrec_serve.app:build_app``: the serving graph of a bundle, the ``import_path`` of every Serve config.
 
 ::
 
@@ -10,8 +10,8 @@
 ``build_app(args)`` validates ``args`` as :class:`AppArgs` and loads the bundle once, as the
 replicas will (:func:`mtrec.bundle.load_bundle`): a missing, corrupt or incompatible bundle is a
 BundleError naming the file before anything is deployed, so a bad bundle offered to a running app
-(``serve.run``, ``serve deploy``, a RayService update: each calls this builder first) never replaces
-it. Embedder and TaskHeads autoscale with the defaults of :data:`serve.config.AUTOSCALING` (a Serve
+(``mtrec_serve.run``, ``serve deploy``, a RayService update: each calls this builder first) never replaces
+it. Embedder and TaskHeads autoscale with the defaults of :data:`mtrec_serve.config.AUTOSCALING` (a Serve
 config's ``deployments`` override them). The controller reads feedback from Prometheus when
 ``prometheus_url`` is given, else by scraping Ray's metrics endpoint (``metrics_url``, or the head
 node's export port when Ray runs here).
@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from mtrec.bundle import load_bundle
 from mtrec.errors import ConfigError
 from mtrec.serving import Catalog
-from serve.config import AUTOSCALING
+from mtrec_serve.config import AUTOSCALING
 
 logger = logging.getLogger("ray.serve")
 
@@ -66,16 +66,16 @@ def build_app(args: dict[str, Any]) -> ray.serve.Application:
     try:
         parsed = AppArgs.model_validate(args)
     except ValidationError as e:
-        raise ConfigError(f"serve.app args: {e}") from e
+        raise ConfigError(f"mtrec_serve.app args: {e}") from e
     return graph(parsed)
 
 
 def graph(args: AppArgs, options: dict[str, dict[str, Any]] | None = None) -> ray.serve.Application:
     """The bound deployments. ``options``: deployment name -> ``.options(...)`` overrides (tests pin
     replica counts and give the Ingress its token's environment this way)."""
-    from serve.controller import WeightController
-    from serve.deployments import Embedder, TaskHeads
-    from serve.ingress import Ingress
+    from mtrec_serve.controller import WeightController
+    from mtrec_serve.deployments import Embedder, TaskHeads
+    from mtrec_serve.ingress import Ingress
 
     if not Path(args.bundle).is_dir():
         raise ConfigError(f"bundle: {args.bundle} is not a directory")
@@ -116,7 +116,7 @@ def _source(args: AppArgs) -> dict[str, Any] | None:
         return {"kind": "prometheus", "url": args.prometheus_url}
     url = args.metrics_url or _head_metrics_url()
     if url is None:
-        logger.warning("serve.app: no Prometheus and no Ray metrics endpoint found: the weights will hold")
+        logger.warning("mtrec_serve.app: no Prometheus and no Ray metrics endpoint found: the weights will hold")
         return None
     return {"kind": "scrape", "url": url}
 

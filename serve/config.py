@@ -4,7 +4,7 @@
 ``applications``), checked by Ray's own ``ServeDeploySchema``. Ray accepts unknown deployment keys and
 ``min_replicas > max_replicas`` silently, so every autoscaling block is also built as a
 ``ray.serve.config.AutoscalingConfig`` and every deployment key checked against the schema's fields.
-:data:`AUTOSCALING` holds the defaults, which ``serve.app`` applies too (one source of truth).
+:data:`AUTOSCALING` holds the defaults, which ``mtrec_serve.app`` applies too (one source of truth).
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from typing import Any
 
 from mtrec.errors import ConfigError
 
-IMPORT_PATH = "serve.app:build_app"
+IMPORT_PATH = "mtrec_serve.app:build_app"
 DEPLOYMENTS = ("Ingress", "Embedder", "TaskHeads", "WeightController")
 
 # Embedder and TaskHeads scale with load; the Ingress holds the per-replica feedback ledger (see
-# serve.app) and the WeightController is one actor by design, so both stay at one replica.
+# mtrec_serve.app) and the WeightController is one actor by design, so both stay at one replica.
 AUTOSCALING: dict[str, dict[str, Any]] = {
     "Embedder": {
         "min_replicas": 1,

@@ -1,9 +1,9 @@
 """The WeightController: the fusion weights in force, updated from live feedback by a policy.
 
 Every ``period_s`` the controller reads one window of per-arm counts from its source
-(:mod:`serve.sources`: a Prometheus server, or Ray's metrics endpoint directly), hands it to a pure
+(:mod:`mtrec_serve.sources`: a Prometheus server, or Ray's metrics endpoint directly), hands it to a pure
 policy of :mod:`mtrec.fusion` (static, proportional, target, bandit), persists the policy's state,
-publishes the weights, their staleness and the action as metrics (:mod:`serve.metrics`) and logs
+publishes the weights, their staleness and the action as metrics (:mod:`mtrec_serve.metrics`) and logs
 each change with its reason. When the source fails (Prometheus down, garbage answers) the policy
 holds the last good weights and the staleness gauge rises; the Ingress keeps serving.
 
@@ -34,11 +34,11 @@ from typing import Any, Protocol
 
 import ray.serve
 
-from mtrec.data.contract import atomic_write_text
 from mtrec.errors import ConfigError
 from mtrec.fusion import Decision, Limits, Observation, Policy, build_policy, restore_policy
-from serve import metrics as serve_metrics
-from serve.sources import build_source, complete
+from mtrec.io import atomic_write_text
+from mtrec_serve import metrics as serve_metrics
+from mtrec_serve.sources import build_source, complete
 
 logger = logging.getLogger("ray.serve")  # Serve routes this logger to the replica's log file
 
@@ -56,7 +56,7 @@ class ControlLoop:
     """The controller's logic: source -> policy -> state file -> metrics. See the module docstring.
 
     ``source`` None: no feedback, the weights hold. ``publish``: the metrics hooks (``set_weights``,
-    ``set_staleness``, ``record_update``), :mod:`serve.metrics` by default.
+    ``set_staleness``, ``record_update``), :mod:`mtrec_serve.metrics` by default.
     """
 
     def __init__(
@@ -240,7 +240,7 @@ class WeightController:
 
     ``source``: ``{"kind": "prometheus", "url", "app"?}``, ``{"kind": "scrape", "url", "app"?}`` or
     None (weights hold); ``app`` defaults to this replica's Serve application. ``window_s``: how far
-    back Prometheus may look for a series' latest sample (see :class:`serve.sources.PrometheusSource`).
+    back Prometheus may look for a series' latest sample (see :class:`mtrec_serve.sources.PrometheusSource`).
     """
 
     def __init__(

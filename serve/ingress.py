@@ -42,7 +42,7 @@ from mtrec.bundle import load_bundle
 from mtrec.errors import ConfigError, DataError
 from mtrec.fusion import MAIN, fuse, normalise_weights, rank
 from mtrec.serving import Candidate, Catalog, FeedbackLedger, RequestError, Scorer, ScoreRequest, choose_arm
-from serve.schemas import (
+from mtrec_serve.schemas import (
     CandidateIn,
     FeedbackBody,
     FeedbackResponse,
@@ -73,9 +73,9 @@ api = FastAPI(title="ray-mtrec", description="Multi-task recommendation with onl
 
 
 def _metrics() -> Any:
-    import serve.metrics
+    import mtrec_serve.metrics
 
-    return serve.metrics
+    return mtrec_serve.metrics
 
 
 class _Guard:
@@ -162,7 +162,7 @@ def _set_body_limit(max_bytes: int) -> None:
 @ray.serve.deployment(max_ongoing_requests=128, ray_actor_options={"num_cpus": 0.25})
 @ray.serve.ingress(api)
 class Ingress:
-    """See the module docstring. ``args``: :class:`serve.app.AppArgs` as a dict."""
+    """See the module docstring. ``args``: :class:`mtrec_serve.app.AppArgs` as a dict."""
 
     def __init__(self, embedder: Any, heads: Any, controller: Any, args: dict[str, Any]) -> None:
         self._embedder, self._heads, self._controller = embedder, heads, controller

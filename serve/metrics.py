@@ -7,7 +7,7 @@ metric ``NAME`` appears as ``ray_NAME`` (a gauge), ``ray_NAME_total`` (a counter
 ``ray_NAME_bucket`` / ``_sum`` / ``_count`` (a histogram), 5-10 s after a change;
 :func:`exported_name` gives the series name the controller's sources read.
 
-Feedback counters are what the weight controller reads (:mod:`serve.sources`): impressions per
+Feedback counters are what the weight controller reads (:mod:`mtrec_serve.sources`): impressions per
 weight arm and events per task and arm. A binary event counts 1; a regression task adds its value
 (a dwell time, a rating), so the controller's "rate" of such a task is its mean value per
 impression. Counters only go up: a value that is not a positive finite number is not recorded.
@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-logger = logging.getLogger("serve.metrics")
+logger = logging.getLogger("mtrec_serve.metrics")
 
 STAGES = ("ingress", "embed", "heads", "fuse", "total")  # values of the latency histogram's stage label
 LATENCY_BUCKETS_MS = (1, 2, 5, 10, 20, 35, 50, 75, 100, 150, 200, 300, 500, 750, 1000, 2000, 5000, 10000)

@@ -53,7 +53,7 @@ def _autoscale(items: list[str]) -> dict[str, dict]:
 
 
 def write_config(argv: list[str]) -> int:
-    from serve.config import serve_config
+    from mtrec_serve.config import serve_config
 
     p = argparse.ArgumentParser(prog="mtrec serve config", description="write the app's Serve config YAML")
     _common(p)
@@ -90,13 +90,13 @@ def run(argv: list[str]) -> int:
     _common(p)
     p.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
     args = p.parse_args(argv)
-    from cluster.ray_env import ensure_ray, free_port
+    from mtrec_cluster.ray_env import ensure_ray, free_port
 
     started = ensure_ray(args.address, metrics_export_port=None if args.address else free_port())
     import ray
     import ray.serve
 
-    from serve.app import build_app
+    from mtrec_serve.app import build_app
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -3,7 +3,7 @@
 Static limits (an id's length, ``k``, finite numbers, no unknown fields) live in the models; the limits
 an operator configures (candidates per request, characters per text) are checked by
 :func:`check_limits` against the app's :class:`Limits`. A violation is a 422 with a message naming
-the field; a body over the byte limit is a 413 (see :mod:`serve.app`).
+the field; a body over the byte limit is a 413 (see :mod:`mtrec_serve.app`).
 """
 
 from __future__ import annotations

@@ -38,9 +38,9 @@ from typing import Any
 
 from mtrec.errors import ConfigError
 from mtrec.fusion import ArmCounts, Observation
-from serve.metrics import exported_name
+from mtrec_serve.metrics import exported_name
 
-logger = logging.getLogger("serve.sources")
+logger = logging.getLogger("mtrec_serve.sources")
 
 IMPRESSIONS = exported_name("mtrec_impressions")  # ray_mtrec_impressions_total
 EVENTS = exported_name("mtrec_feedback_events")  # ray_mtrec_feedback_events_total

@@ -1,1 +1,1 @@
-"""Ray Train glue: the per-worker loop, the TorchTrainer builder and ``python -m train.run``."""
+"""Ray Train glue: the per-worker loop, the TorchTrainer builder and ``python -m mtrec_train.run``."""

@@ -27,7 +27,7 @@ from mtrec.engine import evaluate, make_optimizer, make_scheduler, objective_val
 from mtrec.features import ExampleSet, collate
 from mtrec.models import build_model
 from mtrec.weighting import StepContext, build_weighting
-from train.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from mtrec_train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 
 OBJECTIVE_KEY = "objective"  # the reported metric that ranks checkpoints (higher is better)
 

@@ -1,9 +1,9 @@
-"""``mtrec train`` and ``python -m train.run``: train a multi-task model on Ray Train.
+"""``mtrec train`` and ``python -m mtrec_train.run``: train a multi-task model on Ray Train.
 
 Without ``--address`` (and without ``RAY_ADDRESS``, which a Ray job sets) it starts an embedded
 local Ray on 127.0.0.1 and stops it at the end. As a Ray job:
 
-    ray job submit --working-dir . -- python -m train.run --data DIR --out RUN [key=value ...]
+    ray job submit --working-dir . -- python -m mtrec_train.run --data DIR --out RUN [key=value ...]
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import argparse
 import json
 import sys
 
-from cluster.ray_env import ensure_ray
 from mtrec.config import Config, load_preset, preset_names
+from mtrec_cluster.ray_env import ensure_ray
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = build_config(args)  # config errors before Ray starts
     started = ensure_ray(args.address, num_cpus=args.num_cpus)
     try:
-        from train.trainer import run_training
+        from mtrec_train.trainer import run_training
 
         metrics = run_training(cfg, args.data, args.out)
     finally:

@@ -28,12 +28,13 @@ from ray.train.torch import TorchTrainer
 
 from mtrec.bundle import save_bundle
 from mtrec.config import Config, save_config
-from mtrec.data.contract import atomic_write_text, read_tasks
+from mtrec.data.contract import read_tasks
 from mtrec.engine import batches, evaluate, text_inputs
 from mtrec.features import ExampleSet, collate, prepare_examples
+from mtrec.io import atomic_write_text
 from mtrec.models import build_model
-from train.checkpoint import STATE, load_model_weights
-from train.loop import OBJECTIVE_KEY, fetch_vectors, train_func
+from mtrec_train.checkpoint import STATE, load_model_weights
+from mtrec_train.loop import OBJECTIVE_KEY, fetch_vectors, train_func
 
 
 @dataclass
@@ -173,7 +174,7 @@ def finalize(prepared: Prepared, checkpoint: Any, out: str | Path, wall_s: float
     out.mkdir(parents=True, exist_ok=True)
     save_bundle(out / "bundle", cfg, examples.meta, model, item_vectors, examples.meta.item_ids, context_vectors)
     save_config(cfg, out / "config.yaml")
-    from train.curves import plot_curves
+    from mtrec_train.curves import plot_curves
 
     plot_curves(history, cfg.tasks, out / "curves.png")
     atomic_write_text(

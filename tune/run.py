@@ -1,6 +1,6 @@
-"""``mtrec tune`` and ``python -m tune.run``: search task weighting with Ray Tune over Ray Train.
+"""``mtrec tune`` and ``python -m mtrec_tune.run``: search task weighting with Ray Tune over Ray Train.
 
-Each trial is a driver function that builds the ``TorchTrainer`` of :mod:`train.trainer` for its
+Each trial is a driver function that builds the ``TorchTrainer`` of :mod:`mtrec_train.trainer` for its
 point of the space and fits it; the trainer's ``TuneReportCallback`` forwards every epoch's rank-0
 metrics to Tune, with the search objective added (:class:`ObjectiveReport`). ASHA stops trials whose
 validation objective trails at a rung. The examples (and, in ``frozen`` mode, the item vectors) are
@@ -15,7 +15,7 @@ OUT/result/best.yaml``), ``best/`` (the best trial's bundle, metrics.json, curve
 
 As a Ray job::
 
-    ray job submit --working-dir . -- python -m tune.run --data DIR --out OUT --trials 16
+    ray job submit --working-dir . -- python -m mtrec_tune.run --data DIR --out OUT --trials 16
 """
 
 from __future__ import annotations
@@ -42,14 +42,21 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from cluster.ray_env import ensure_ray
 from mtrec.config import Config, load_preset, preset_names, save_config
-from mtrec.data.contract import atomic_dir
 from mtrec.errors import ConfigError, MtrecError
-from train.trainer import Prepared, build_trainer, finalize, prepare, resolve_config
-from tune.objective import Objective
-from tune.pareto import non_dominated, plot_front
-from tune.spaces import STRATEGY_SPACES, USES_TASK_WEIGHTS, effective_point, equal_weights, search_space, trial_config
+from mtrec.io import atomic_dir
+from mtrec_cluster.ray_env import ensure_ray
+from mtrec_train.trainer import Prepared, build_trainer, finalize, prepare, resolve_config
+from mtrec_tune.objective import Objective
+from mtrec_tune.pareto import non_dominated, plot_front
+from mtrec_tune.spaces import (
+    STRATEGY_SPACES,
+    USES_TASK_WEIGHTS,
+    effective_point,
+    equal_weights,
+    search_space,
+    trial_config,
+)
 
 SCORE = "score"
 EXPERIMENT = "search"
@@ -121,7 +128,7 @@ def run_search(
     callbacks: list[ray.tune.Callback] | None = None,
 ) -> dict[str, Any]:
     """Search ``trials`` points (the equal-weights baseline first when ``baseline``, then ``points``, then
-    random draws from :func:`tune.spaces.search_space`) on the Ray this process is connected to.
+    random draws from :func:`mtrec_tune.spaces.search_space`) on the Ray this process is connected to.
 
     Returns the summary written to ``OUT/result/summary.json``. Raises :class:`SearchInterrupted` when the
     search stopped early (e.g. SIGINT); calling again with the same arguments resumes it.

@@ -9,18 +9,13 @@
 
 Ids are int64 or string, the same type in every file. :func:`validate` checks every rule and returns
 every problem, each naming the file, the column and the number of rows affected; :func:`check` raises
-them together as one :class:`~mtrec.errors.DataError`. Writers go through :func:`atomic_dir`, so a
+them together as one :class:`~mtrec.errors.DataError`. Writers go through :func:`mtrec.io.atomic_dir`, so a
 failed write never leaves a half-written dataset posing as complete.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
-import shutil
-import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +26,7 @@ import yaml
 
 from mtrec.config import TASK_KINDS, Config, TaskSpec
 from mtrec.errors import ConfigError, DataError
+from mtrec.io import atomic_dir
 
 INTERACTIONS = "interactions.parquet"
 ITEMS = "items.parquet"
@@ -122,50 +118,6 @@ def write_tasks(tasks: list[TaskSpec], path: str | Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------- writing
-
-
-@contextlib.contextmanager
-def atomic_dir(out: str | Path, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temporary sibling directory; move it to ``out`` only when the block completes.
-
-    On any exception the temporary directory is removed and ``out`` is left as it was.
-    """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a synced temporary sibling and a rename: a reader sees the old
-    contents or the new, never half a file. On failure the temporary file is removed and the error raised."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with tmp.open("w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_dataset(

@@ -49,7 +49,6 @@ from mtrec.data.contract import (
     TASKS,
     USERS,
     Problem,
-    atomic_dir,
     check_entity,
     check_foreign_ids,
     check_interactions,
@@ -59,6 +58,7 @@ from mtrec.data.contract import (
 )
 from mtrec.data.splits import assign_split, split_boundaries
 from mtrec.errors import ConfigError, DataError
+from mtrec.io import atomic_dir
 from mtrec.metrics import task_metrics
 
 SCENARIOS = ("ecommerce", "social", "search")

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from cluster.ray_env import apply_local_env
+from mtrec_cluster.ray_env import apply_local_env
 
 apply_local_env()  # before any test module imports ray (Ray reads some of it once, at import)
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only test cluster; the product keeps token auth on
@@ -16,7 +16,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    from cluster.ray_env import ensure_ray
+    from mtrec_cluster.ray_env import ensure_ray
 
     started = ensure_ray(num_cpus=4)
     import ray
@@ -30,9 +30,9 @@ def ray_cluster():
 def prometheus_server(ray_cluster, tmp_path_factory):
     """A real Prometheus (the Debian binary) on a free 127.0.0.1 port, scraping the session Ray's
     metrics export port every second. A test may stop and restart it (same port and data folder,
-    ``cluster.prometheus.start_prometheus(server.config, server.port, server.data_dir)``); teardown
+    ``mtrec_cluster.prometheus.start_prometheus(server.config, server.port, server.data_dir)``); teardown
     stops whichever process the pid file names."""
-    from cluster.prometheus import ray_metrics_targets, start_prometheus, stop_prometheus, write_config
+    from mtrec_cluster.prometheus import ray_metrics_targets, start_prometheus, stop_prometheus, write_config
 
     root = tmp_path_factory.mktemp("prometheus")
     config = write_config(root / "prometheus.yml", targets=ray_metrics_targets(), scrape_interval_s=1.0)
@@ -48,7 +48,7 @@ def serve_http(ray_cluster):
     import ray.serve
     from ray.serve.context import _get_global_client  # the running Serve's HTTP options (no public getter)
 
-    from cluster.ray_env import free_port
+    from mtrec_cluster.ray_env import free_port
 
     ray.serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
     return f"http://127.0.0.1:{_get_global_client().http_config.port}"

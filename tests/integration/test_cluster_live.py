@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster import cli
-from cluster.prometheus import stop_prometheus
+from mtrec_cluster import local
+from mtrec_cluster.prometheus import stop_prometheus
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -42,7 +42,7 @@ ray.init()
 @ray.remote(num_cpus=0)
 class Emitter:
     def emit(self):
-        from serve import metrics as m
+        from mtrec_serve import metrics as m
         for arm in ("main", "explore"):
             m.record_impressions(arm, 40)
             for task in ("click", "purchase"):
@@ -65,7 +65,7 @@ assert ray.get(emitter.emit.remote())
 
 def mtrec(args: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "mtrec.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "mtrec_app.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -97,7 +97,7 @@ def local_cluster(tmp_path_factory):
     recorded: list[dict] = []
     try:
         up = mtrec(["cluster", "up", "--free-ports", "--num-cpus", "2"], env, timeout=300)
-        state = cli.read_state(state_dir)
+        state = local.read_state(state_dir)
         if state:
             recorded.append(state)
         assert up.returncode == 0, up.stdout + up.stderr
@@ -106,7 +106,7 @@ def local_cluster(tmp_path_factory):
         mtrec(["cluster", "down", "--grace", "20"], env, timeout=120)
         for state in recorded:  # backstop: whatever `up` recorded is gone, whatever happened above
             for node in state["nodes"]:
-                cli.stop_session(node["pid"], grace_s=1)
+                local.stop_session(node["pid"], grace_s=1)
             if state.get("prometheus"):
                 stop_prometheus(state["prometheus"]["pid"])
             shutil.rmtree(state["temp_dir"], ignore_errors=True)  # the nodes' logs and sockets
@@ -123,9 +123,9 @@ def test_status_reports_a_healthy_loopback_cluster_with_token_auth(local_cluster
     with pytest.raises(urllib.error.HTTPError) as refused:
         get_json(url)
     assert refused.value.code == 401
-    assert get_json(url, cli.token_headers())["ray_version"]
+    assert get_json(url, local.token_headers())["ray_version"]
     if shutil.which("ss"):  # every listener of the node's processes is on loopback
-        pids = set(cli.session_members(state["nodes"][0]["pid"]))
+        pids = set(local.session_members(state["nodes"][0]["pid"]))
         listeners = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout.splitlines()
         ours = [line.split()[3] for line in listeners if {int(p) for p in re.findall(r"pid=(\d+)", line)} & pids]
         assert ours and all(a.startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:")) for a in ours), ours
@@ -148,10 +148,10 @@ def test_prometheus_scrapes_the_cluster(local_cluster):
 def test_dashboard_and_alert_queries_read_live_series(local_cluster):
     import ray.job_submission
 
-    from cluster.submit import runtime_env
+    from mtrec_cluster.submit import runtime_env
 
     _, _, state = local_cluster
-    client = ray.job_submission.JobSubmissionClient(state["dashboard_url"], headers=cli.token_headers())
+    client = ray.job_submission.JobSubmissionClient(state["dashboard_url"], headers=local.token_headers())
     job = client.submit_job(entrypoint=f"python -c {shlex.quote(EMIT)}", runtime_env=runtime_env())
     status = wait_for(lambda: client.get_job_status(job).is_terminal() and client.get_job_status(job), 120, "job")
     assert status.value == "SUCCEEDED", client.get_job_logs(job)
@@ -198,7 +198,7 @@ def test_down_stops_exactly_what_up_started(local_cluster):
     state_dir, env, state = local_cluster
     done = mtrec(["cluster", "down", "--grace", "20"], env, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert all(cli.session_members(n["pid"]) == [] for n in state["nodes"])
+    assert all(local.session_members(n["pid"]) == [] for n in state["nodes"])
     assert stop_prometheus(state["prometheus"]["pid"]) is False  # no Prometheus runs with that pid any more
-    assert not (state_dir / cli.STATE_FILE).exists()
+    assert not (state_dir / local.STATE_FILE).exists()
     assert mtrec(["cluster", "status"], env).returncode == 1

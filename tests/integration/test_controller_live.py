@@ -1,6 +1,6 @@
 """The WeightController on a real Ray Serve, reading a real Prometheus that scrapes Ray's metrics port.
 
-Feedback is recorded through serve.metrics by a small deployment in the same application (what the
+Feedback is recorded through mtrec_serve.metrics by a small deployment in the same application (what the
 Ingress does per request), so it travels the real path: replica -> Ray's metrics export port ->
 Prometheus scrape -> PromQL -> controller -> policy. One test walks the whole story, because each
 phase needs the state the previous one left (a Serve deploy and Ray's metric export cost seconds):
@@ -57,8 +57,8 @@ def controller_app(ray_cluster, prometheus_server, tmp_path_factory):
     feedback and reads the weights, as the Ingress does."""
     import ray.serve
 
-    from cluster.ray_env import free_port
-    from serve.controller import WeightController
+    from mtrec_cluster.ray_env import free_port
+    from mtrec_serve.controller import WeightController
 
     @ray.serve.deployment
     class FeedbackEmitter:
@@ -66,7 +66,7 @@ def controller_app(ray_cluster, prometheus_server, tmp_path_factory):
             self._controller = controller
 
         async def emit(self, impressions: int, events: dict[str, int], arm: str | None = None) -> dict:
-            from serve import metrics
+            from mtrec_serve import metrics
 
             decision = await self._controller.decision.remote()
             arm = arm or decision["main"]
@@ -97,7 +97,7 @@ def controller_app(ray_cluster, prometheus_server, tmp_path_factory):
 def test_weights_follow_feedback_hold_without_prometheus_and_survive_a_restart(
     ray_cluster, prometheus_server, controller_app
 ):
-    from cluster.prometheus import ray_metrics_targets, start_prometheus, stop_prometheus
+    from mtrec_cluster.prometheus import ray_metrics_targets, start_prometheus, stop_prometheus
 
     emitter, controller, state = controller_app
     metrics_url = f"http://{ray_metrics_targets()[0]}/metrics"
@@ -178,8 +178,8 @@ def test_weights_follow_feedback_hold_without_prometheus_and_survive_a_restart(
 def test_scrape_source_counts_exactly_what_replicas_recorded(ray_cluster, controller_app):
     """The embedded default's source on Ray's real exposition text: the differenced counters add up
     to exactly the impressions and events recorded, however Ray's export splits them over reads."""
-    from cluster.prometheus import ray_metrics_targets
-    from serve.sources import ScrapeSource
+    from mtrec_cluster.prometheus import ray_metrics_targets
+    from mtrec_serve.sources import ScrapeSource
 
     emitter, _, _ = controller_app
     source = ScrapeSource(f"http://{ray_metrics_targets()[0]}/metrics", app=APP)

@@ -17,7 +17,7 @@ import urllib.request
 
 import pytest
 
-from cluster.ray_env import free_port
+from mtrec_cluster.ray_env import free_port
 
 SERVING = re.compile(r"\[demo [0-9:]+\] serving on (\S+) ")
 
@@ -27,7 +27,7 @@ def demo(tmp_path_factory):
     """The quick demo with ``--keep-serving``: once it says it is serving, the service answers over
     HTTP; then Ctrl-C (SIGINT) ends it cleanly (exit 0) and everything it started is stopped."""
     out = tmp_path_factory.mktemp("demo") / "out"
-    cmd = [sys.executable, "-m", "cluster.demo", "--quick", "--keep-serving", "--out", str(out)]
+    cmd = [sys.executable, "-m", "mtrec_app.demo", "--quick", "--keep-serving", "--out", str(out)]
     cmd += ["--port", str(free_port())]
     err = out.parent / "stderr.txt"
     with open(err, "w") as stderr:

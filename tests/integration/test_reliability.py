@@ -2,8 +2,8 @@
 
 One application serves every test here (a deploy costs tens of seconds): TaskHeads pinned at two
 replicas, a bearer token, small limits, and a controller that reads a stand-in Prometheus
-(:class:`cluster.faults.FakePrometheus`) that the tests turn into a misbehaving one. Load comes from
-:class:`cluster.traffic.SimulatedUsers` (recommend, then feedback drawn from the synthetic truth).
+(:class:`mtrec_app.faults.FakePrometheus`) that the tests turn into a misbehaving one. Load comes from
+:class:`mtrec_app.traffic.SimulatedUsers` (recommend, then feedback drawn from the synthetic truth).
 Already covered elsewhere: a killed training worker (test_train), a killed controller and a stopped
 Prometheus (test_controller), the basic 4xx cases (test_serve).
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from cluster.faults import (
+from mtrec_app.faults import (
     BAD_MODES,
     FakePrometheus,
     bad_bundles,
@@ -60,8 +60,8 @@ def fake_prometheus():
 def app(ray_cluster, serve_http, serve_bundle, fake_prometheus):
     import ray.serve
 
-    from cluster.traffic import SimulatedUsers
-    from serve.app import AppArgs, graph
+    from mtrec_app.traffic import SimulatedUsers
+    from mtrec_serve.app import AppArgs, graph
 
     bundle, data = serve_bundle
     args = AppArgs(
@@ -159,7 +159,7 @@ def test_c_bad_bundle_is_refused_and_the_running_app_keeps_serving(app, tmp_path
     import ray.serve
 
     from mtrec.errors import BundleError
-    from serve.app import build_app
+    from mtrec_serve.app import build_app
 
     expected = bad_bundles(Path(app["bundle"]), tmp_path)
     replicas = replica_names(APP, "TaskHeads")

@@ -24,7 +24,7 @@ PINNED = {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 8}
 def app(ray_cluster, serve_http, serve_bundle):
     import ray.serve
 
-    from serve.app import AppArgs, graph
+    from mtrec_serve.app import AppArgs, graph
 
     bundle, data = serve_bundle
     args = AppArgs(bundle=str(bundle), auth_token_env="MTREC_TEST_TOKEN", period_s=5.0, **LIMITS)
@@ -155,7 +155,7 @@ def test_heads_in_the_ingress_predict_as_the_task_heads_deployment(app, serve_ht
     """``heads_in_ingress``: no TaskHeads deployment, and the same predictions for catalog and cold items."""
     import ray.serve
 
-    from serve.app import AppArgs, graph
+    from mtrec_serve.app import AppArgs, graph
 
     name, prefix = APP + "-local", PREFIX + "-local"
     args = AppArgs(bundle=str(serve_bundle[0]), heads_in_ingress=True, period_s=5.0)

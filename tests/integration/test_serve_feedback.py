@@ -41,7 +41,7 @@ def weights(url: str) -> dict:
 def app(ray_cluster, serve_http, serve_bundle, prometheus_server, tmp_path_factory):
     import ray.serve
 
-    from serve.app import AppArgs, graph
+    from mtrec_serve.app import AppArgs, graph
 
     bundle, data = serve_bundle
     args = AppArgs(
@@ -85,7 +85,7 @@ def traffic(url: str, items: list, requests: int, click_every: int) -> int:
 
 
 def test_feedback_over_http_moves_the_weights_and_they_hold_without_prometheus(app, prometheus_server):
-    from cluster.prometheus import start_prometheus, stop_prometheus
+    from mtrec_cluster.prometheus import start_prometheus, stop_prometheus
 
     url, items = app
     start = weights(url)

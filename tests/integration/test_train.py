@@ -46,7 +46,7 @@ def _config():
 
 @pytest.fixture(scope="module")
 def baseline(ray_cluster, dataset, tmp_path_factory):
-    from train.trainer import run_training
+    from mtrec_train.trainer import run_training
 
     out = tmp_path_factory.mktemp("runs") / "baseline"
     metrics = run_training(_config(), dataset, out)
@@ -106,7 +106,7 @@ def _train_workers() -> list[psutil.Process]:
 
 
 def test_killed_worker_recovers_from_checkpoint(baseline, dataset, tmp_path):
-    from train.trainer import run_training
+    from mtrec_train.trainer import run_training
 
     _, clean = baseline
     out = tmp_path / "faulty"

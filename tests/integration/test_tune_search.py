@@ -109,7 +109,7 @@ def _interrupt_after(proc: subprocess.Popen, out: Path, n: int, timeout_s: float
 
 @pytest.fixture(scope="module")
 def search(ray_cluster, tmp_path_factory):
-    from tune.run import run_search
+    from mtrec_tune.run import run_search
 
     root = tmp_path_factory.mktemp("tune")
     data = noisy_aux_dataset(root / "noisy-aux")
@@ -123,7 +123,7 @@ def search(ray_cluster, tmp_path_factory):
     cmd = [
         sys.executable,
         "-m",
-        "tune.run",
+        "mtrec_tune.run",
         "--data",
         str(data),
         "--out",
@@ -167,7 +167,7 @@ def _test_auc(search, out: Path, row: dict) -> float:
     """Test-split click AUC of one trial's best checkpoint (the model does not depend on the weights)."""
     import ray.train
 
-    from train.trainer import finalize, prepare
+    from mtrec_train.trainer import finalize, prepare
 
     prepared = search.setdefault("prepared", prepare(search["base"], search["data"], search["root"] / "eval"))
     dest = search["root"] / "eval" / row["trial_id"]
@@ -230,7 +230,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(search):
 
 def test_outputs_a_preset_mtrec_train_accepts_and_the_best_bundle(search):
     from mtrec.bundle import load_bundle
-    from train.run import build_config, parse_args
+    from mtrec_train.run import build_config, parse_args
 
     result = search["out"] / "result"
     best = search["summary"]["best"]

@@ -204,7 +204,7 @@ def test_lora_training_checkpoints_hold_only_adapters_and_restore_the_model(tmp_
     from mtrec.encoders import TextEncoder
     from mtrec.models import build_model
     from mtrec.weighting import build_weighting
-    from train.checkpoint import MODEL, TrainState, load_checkpoint, save_checkpoint
+    from mtrec_train.checkpoint import MODEL, TrainState, load_checkpoint, save_checkpoint
 
     cfg = lora_config(llama_dir(tmp_path / "base", examples.meta.item_texts + examples.meta.contexts))
     model = trained(cfg, examples, encoder=TextEncoder.from_config(cfg.encoder))

@@ -13,16 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from cluster import cli, submit
 from mtrec.errors import MtrecError
+from mtrec_cluster import local, submit
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_entrypoint_is_the_module_with_quoted_arguments():
     cmd = submit.entrypoint("train", ["--data", "/d ir", "--out", "/o", "model.arch=mmoe"])
-    assert shlex.split(cmd) == ["python", "-m", "train.run", "--data", "/d ir", "--out", "/o", "model.arch=mmoe"]
-    assert submit.entrypoint("tune", []).startswith("python -m tune.run")
+    assert shlex.split(cmd) == ["python", "-m", "mtrec_train.run", "--data", "/d ir", "--out", "/o", "model.arch=mmoe"]
+    assert submit.entrypoint("tune", []).startswith("python -m mtrec_tune.run")
     with pytest.raises(MtrecError, match="unknown job kind 'serve'"):
         submit.entrypoint("serve", [])
 
@@ -47,7 +47,7 @@ def test_exit_code_follows_the_job(status, code, expected):
 def test_address_order(tmp_path, monkeypatch):
     monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
     assert submit.resolve_address(None, tmp_path) == submit.DEFAULT_ADDRESS
-    (tmp_path / cli.STATE_FILE).write_text(json.dumps({"dashboard_url": "http://127.0.0.1:1234", "nodes": []}))
+    (tmp_path / local.STATE_FILE).write_text(json.dumps({"dashboard_url": "http://127.0.0.1:1234", "nodes": []}))
     assert submit.resolve_address(None, tmp_path) == "http://127.0.0.1:1234"
     monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://env:1")
     assert submit.resolve_address(None, tmp_path) == "http://env:1"
@@ -79,44 +79,44 @@ def test_stop_session_stops_the_whole_session_and_only_it():
     stubborn = _session("trap '' TERM; sleep 60 & sleep 60; wait")  # ignores SIGTERM: needs the SIGKILL
     try:
         deadline = time.monotonic() + 10
-        while len(cli.session_members(stubborn.pid)) < 3 and time.monotonic() < deadline:
+        while len(local.session_members(stubborn.pid)) < 3 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert len(cli.session_members(polite.pid)) == 3
-        assert cli.stop_session(polite.pid, grace_s=5) == 2  # bash exits on TERM; its two sleeps are SIGKILLed
-        assert cli.session_members(polite.pid) == []
-        assert len(cli.session_members(stubborn.pid)) == 3  # untouched
-        assert cli.stop_session(stubborn.pid, grace_s=0.5) == 3
-        assert cli.session_members(stubborn.pid) == []
+        assert len(local.session_members(polite.pid)) == 3
+        assert local.stop_session(polite.pid, grace_s=5) == 2  # bash exits on TERM; its two sleeps are SIGKILLed
+        assert local.session_members(polite.pid) == []
+        assert len(local.session_members(stubborn.pid)) == 3  # untouched
+        assert local.stop_session(stubborn.pid, grace_s=0.5) == 3
+        assert local.session_members(stubborn.pid) == []
         assert os.getsid(0) not in (polite.pid, stubborn.pid)
     finally:
         for p in (polite, stubborn):
-            for pid in cli.session_members(p.pid):
+            for pid in local.session_members(p.pid):
                 os.kill(pid, signal.SIGKILL)
             p.wait(timeout=10)
 
 
 def test_no_cluster_recorded(tmp_path, capsys):
-    assert cli.status(tmp_path) is None and not cli.healthy(None)
-    assert cli.down(tmp_path) is None
-    assert cli.main(["--state-dir", str(tmp_path), "status"]) == 1
+    assert local.status(tmp_path) is None and not local.healthy(None)
+    assert local.down(tmp_path) is None
+    assert local.main(["--state-dir", str(tmp_path), "status"]) == 1
     assert "no cluster recorded" in capsys.readouterr().out
 
 
 def test_a_corrupt_state_file_is_named(tmp_path):
-    (tmp_path / cli.STATE_FILE).write_text("{not json")
+    (tmp_path / local.STATE_FILE).write_text("{not json")
     with pytest.raises(MtrecError, match=r"cluster\.json: not a cluster state file"):
-        cli.read_state(tmp_path)
+        local.read_state(tmp_path)
 
 
 def test_up_refuses_while_a_recorded_cluster_runs(tmp_path):
     alive = _session("sleep 60")
     try:
         state = {"nodes": [{"role": "head", "pid": alive.pid}], "dashboard_url": "http://127.0.0.1:1"}
-        (tmp_path / cli.STATE_FILE).write_text(json.dumps(state))
+        (tmp_path / local.STATE_FILE).write_text(json.dumps(state))
         with pytest.raises(MtrecError, match="is running: `mtrec cluster down` first"):
-            cli.up(tmp_path, prometheus=False)
-        stopped = cli.down(tmp_path, grace_s=5)
-        assert stopped["nodes"][0]["killed"] == 0 and not (tmp_path / cli.STATE_FILE).exists()
+            local.up(tmp_path, prometheus=False)
+        stopped = local.down(tmp_path, grace_s=5)
+        assert stopped["nodes"][0]["killed"] == 0 and not (tmp_path / local.STATE_FILE).exists()
         assert alive.wait(timeout=5) == -signal.SIGTERM
     finally:
         if alive.poll() is None:
@@ -130,7 +130,7 @@ def test_the_loopback_setting_holds_when_ray_was_imported_first():
 
     code = (
         "import os, ray._private.ray_constants as c; assert c.ENABLE_RAY_CLUSTER;"
-        "from cluster.ray_env import apply_local_env; apply_local_env();"
+        "from mtrec_cluster.ray_env import apply_local_env; apply_local_env();"
         "from ray._private.services import get_node_ip_address; print(c.ENABLE_RAY_CLUSTER, get_node_ip_address())"
     )
     env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
@@ -141,7 +141,7 @@ def test_the_loopback_setting_holds_when_ray_was_imported_first():
 
 @pytest.mark.parametrize("trials", ["0", "5"])
 def test_the_demo_search_stays_short(trials, capsys):
-    from cluster import demo
+    from mtrec_app import demo
 
     with pytest.raises(SystemExit):
         demo.parse_args(["--trials", trials])
@@ -151,8 +151,8 @@ def test_the_demo_search_stays_short(trials, capsys):
 def test_ctrl_c_during_the_demo_search_stops_the_demo(tmp_path, monkeypatch):
     """Tune's own SIGINT handler ends the search early (SearchInterrupted, which `mtrec tune` answers
     with "run again to resume"); the demo, which starts afresh every time, stops as on any Ctrl-C."""
-    from cluster import demo
-    from tune import run
+    from mtrec_app import demo
+    from mtrec_tune import run
 
     def interrupted(*args, **kwargs):
         raise run.SearchInterrupted("search stopped with 1 of 2 trials unfinished")

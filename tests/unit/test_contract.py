@@ -182,7 +182,7 @@ def test_time_split_and_cold_items():
 
 
 def test_atomic_write_text_keeps_the_old_contents_when_the_write_fails(tmp_path, monkeypatch):
-    from mtrec.data.contract import atomic_write_text
+    from mtrec.io import atomic_write_text
 
     target = tmp_path / "sub" / "state.json"
     atomic_write_text(target, "old")

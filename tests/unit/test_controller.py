@@ -1,4 +1,4 @@
-"""The controller's logic (serve.controller.ControlLoop) without Ray: fake source, fake clock, fake metrics."""
+"""The controller's logic (mtrec_serve.controller.ControlLoop) without Ray: fake source, fake clock, fake metrics."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from mtrec.errors import ConfigError
 from mtrec.fusion import ArmCounts, Observation
-from serve.controller import ControlLoop
+from mtrec_serve.controller import ControlLoop
 
 TASKS = ["click", "buy"]
 WEIGHTS = {"click": 1.0, "buy": 1.0}

@@ -1,11 +1,11 @@
-"""serve.metrics helpers that need no Ray: series names, labels, sampling, and recording through a fake."""
+"""mtrec_serve.metrics helpers that need no Ray: series names, labels, sampling, and recording through a fake."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from serve import metrics
+from mtrec_serve import metrics
 
 
 class FakeMetric:

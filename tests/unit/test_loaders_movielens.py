@@ -9,10 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 from shared_data import assert_fails_cleanly, shared_data
 
-from mtrec.cli import main
 from mtrec.data.contract import read_tasks, validate
 from mtrec.data.movielens import convert, sample_negatives
 from mtrec.errors import DataError
+from mtrec_app.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -258,7 +258,7 @@ def test_a_wrong_entrypoint_fails():
     with pytest.raises(AssertionError):
         check_entrypoint("python -m train.runn --data x --out y")
     with pytest.raises(SystemExit):
-        check_entrypoint("python -m train.run --dataset x --out y")
+        check_entrypoint("python -m mtrec_train.run --dataset x --out y")
 
 
 def serve_configs() -> list[tuple[dict, dict]]:
@@ -276,8 +276,8 @@ def check_serve_config(config: dict) -> None:
     from ray.serve.config import AutoscalingConfig
     from ray.serve.schema import DeploymentSchema, ServeDeploySchema
 
-    from serve.app import AppArgs
-    from serve.config import DEPLOYMENTS
+    from mtrec_serve.app import AppArgs
+    from mtrec_serve.config import DEPLOYMENTS
 
     assert set(config) == {"applications"}, "serveConfigV2 holds the applications block only"
     ServeDeploySchema(**config)
@@ -308,7 +308,7 @@ def test_serve_config_parses_with_rays_schema():
         lambda a: a["deployments"][1]["autoscaling_config"].__setitem__("min_replicas", 99),
         lambda a: a["deployments"][1].__setitem__("num_replica", 2),
         lambda a: a["args"].__setitem__("polcy", "bandit"),
-        lambda a: a.__setitem__("import_path", "serve.app:build_ap"),
+        lambda a: a.__setitem__("import_path", "mtrec_serve.app:build_ap"),
     ],
     ids=["autoscaling-key", "min-above-max", "deployment-key", "app-arg", "import-path"],
 )
@@ -329,7 +329,7 @@ def generated_by(doc: dict) -> list[str]:
 
 
 def test_serve_config_equals_a_fresh_generation(tmp_path):
-    from mtrec.cli import main
+    from mtrec_app.cli import main
 
     (doc, config), *_ = serve_configs()
     argv = generated_by(doc)
@@ -460,7 +460,7 @@ def test_overlay_builds_and_validates(overlay):
 
 
 def exported_series() -> set[str]:
-    from serve.metrics import METRICS, exported_name
+    from mtrec_serve.metrics import METRICS, exported_name
 
     out = set()
     for name, spec in METRICS.items():

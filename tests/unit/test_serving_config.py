@@ -6,9 +6,9 @@ import pytest
 import yaml
 
 from mtrec.errors import ConfigError
-from serve.config import AUTOSCALING, serve_config
-from serve.run import main
-from serve.schemas import CandidateIn, Limits, RecommendBody, check_limits
+from mtrec_serve.config import AUTOSCALING, serve_config
+from mtrec_serve.run import main
+from mtrec_serve.schemas import CandidateIn, Limits, RecommendBody, check_limits
 
 
 def test_serve_config_validates_and_merges_autoscaling_overrides():
@@ -16,7 +16,7 @@ def test_serve_config_validates_and_merges_autoscaling_overrides():
         "/runs/b", prometheus_url="http://127.0.0.1:9090", autoscaling={"TaskHeads": {"max_replicas": 8}}
     )
     app = doc["applications"][0]
-    assert app["import_path"] == "serve.app:build_app" and doc["http_options"]["host"] == "127.0.0.1"
+    assert app["import_path"] == "mtrec_serve.app:build_app" and doc["http_options"]["host"] == "127.0.0.1"
     assert app["args"] == {"bundle": "/runs/b", "policy": "static", "prometheus_url": "http://127.0.0.1:9090"}
     blocks = {d["name"]: d.get("autoscaling_config") for d in app["deployments"]}
     assert set(blocks) == {"Ingress", "Embedder", "TaskHeads", "WeightController"}
@@ -25,7 +25,7 @@ def test_serve_config_validates_and_merges_autoscaling_overrides():
 
 
 def test_heads_in_ingress_leaves_out_the_task_heads_deployment():
-    from serve.app import AppArgs
+    from mtrec_serve.app import AppArgs
 
     app = serve_config("/runs/b", heads_in_ingress=True)["applications"][0]
     assert {d["name"] for d in app["deployments"]} == {"Ingress", "Embedder", "WeightController"}

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from mtrec.errors import ConfigError
-from serve.sources import CounterDeltas, PrometheusSource, ScrapeSource, build_source, complete, observation
+from mtrec_serve.sources import CounterDeltas, PrometheusSource, ScrapeSource, build_source, complete, observation
 
 IMP, EV = "ray_mtrec_impressions_total", "ray_mtrec_feedback_events_total"
 
@@ -198,7 +198,7 @@ def test_build_source_validates():
 
 
 def test_write_config_and_missing_binary(tmp_path):
-    from cluster.prometheus import start_prometheus, stop_prometheus, write_config
+    from mtrec_cluster.prometheus import start_prometheus, stop_prometheus, write_config
 
     path = write_config(tmp_path / "p.yml", targets=["127.0.0.1:1"], sd_file=tmp_path / "sd.json", scrape_interval_s=1)
     job = json.loads(path.read_text())["scrape_configs"][0]
@@ -213,7 +213,7 @@ def test_write_config_and_missing_binary(tmp_path):
 
 def test_prometheus_source_against_a_real_prometheus(endpoint, tmp_path):
     """PromQL and label filtering end to end: a real Prometheus scraping canned exposition text."""
-    from cluster.prometheus import DEFAULT_BINARY, start_prometheus, write_config
+    from mtrec_cluster.prometheus import DEFAULT_BINARY, start_prometheus, write_config
 
     if not os.path.exists(DEFAULT_BINARY):
         pytest.skip(f"{DEFAULT_BINARY} not installed")

@@ -15,7 +15,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mtrec.data.synthetic as synthetic
-from mtrec.cli import main
 from mtrec.data.contract import read_tasks, validate
 from mtrec.data.splits import split_boundaries, time_split
 from mtrec.data.synthetic import (
@@ -27,6 +26,7 @@ from mtrec.data.synthetic import (
     oracle_metrics,
 )
 from mtrec.errors import ConfigError, DataError
+from mtrec_app.cli import main
 
 ROWS = 100_000  # the size the model engineer trains on: 2k users, 1k items
 

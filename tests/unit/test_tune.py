@@ -15,9 +15,9 @@ from ray.tune.search.variant_generator import generate_variants
 from mtrec.config import Config, TaskSpec
 from mtrec.errors import ConfigError
 from mtrec.weighting import WEIGHTINGS
-from tune.objective import INFEASIBLE, Objective
-from tune.pareto import dominates, non_dominated
-from tune.spaces import (
+from mtrec_tune.objective import INFEASIBLE, Objective
+from mtrec_tune.pareto import dominates, non_dominated
+from mtrec_tune.spaces import (
     STRATEGY_SPACES,
     USES_TASK_WEIGHTS,
     effective_point,

@@ -3,8 +3,8 @@
 - :class:`FakePrometheus`: a stand-in for the Prometheus URL the weight controller reads, switchable
   between good answers and the ways a real server misbehaves (not JSON, an error status, a wrong
   shape, NaN or negative counts, HTTP 500, answering slower than the controller waits);
-- :func:`under_load`: steady traffic of :class:`cluster.traffic.SimulatedUsers` from several client
-  threads while a fault is injected, counted in one :class:`~cluster.traffic.TrafficReport`;
+- :func:`under_load`: steady traffic of :class:`mtrec_app.traffic.SimulatedUsers` from several client
+  threads while a fault is injected, counted in one :class:`~mtrec_app.traffic.TrafficReport`;
 - :func:`kill_replica`: ``ray.kill`` one replica of a Serve deployment (Serve starts a new one);
 - :func:`bad_bundles`: corrupt, newer and misshapen copies of a bundle, to offer for redeployment;
 - :func:`fuzz_api`: property-based requests generated from the service's own ``/openapi.json``
@@ -31,7 +31,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from cluster.traffic import SimulatedUsers, TrafficReport
+from mtrec_app.traffic import SimulatedUsers, TrafficReport
 
 BAD_MODES = ("not-json", "error-status", "wrong-shape", "nan", "negative", "http-500", "slow")
 
@@ -45,7 +45,7 @@ class FakePrometheus:
     """
 
     def __init__(self, app: str, tasks: list[str], slow_s: float = 8.0) -> None:
-        from serve.sources import EVENTS, IMPRESSIONS
+        from mtrec_serve.sources import EVENTS, IMPRESSIONS
 
         self.mode = "good"
         self.reads = 0

@@ -2,7 +2,7 @@
 
 ``up`` starts a Ray head (``ray start --head --block``), optional extra worker nodes on the same host
 (``ray start --address``) and, when the Debian binary is there, a Prometheus scraping every node
-(:mod:`cluster.prometheus`, fed by the head's service-discovery file). What it started — pids, ports,
+(:mod:`mtrec_cluster.prometheus`, fed by the head's service-discovery file). What it started — pids, ports,
 addresses — goes to a state file (``~/.cache/mtrec/cluster/cluster.json``, or ``--state-dir``), so
 ``down`` stops exactly those processes and ``status`` reports them. Nothing here calls ``ray stop``,
 which would stop every Ray on the host, other users' included.
@@ -36,9 +36,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from cluster.prometheus import free_port, service_discovery_file, start_prometheus, stop_prometheus, write_config
-from cluster.ray_env import CLUSTER_FLAG, LOCAL_ENV
 from mtrec.errors import MtrecError
+from mtrec_cluster.prometheus import free_port, service_discovery_file, start_prometheus, stop_prometheus, write_config
+from mtrec_cluster.ray_env import CLUSTER_FLAG, LOCAL_ENV
 
 STATE_FILE = "cluster.json"
 DEFAULT_PORTS = {  # Ray's own defaults; --free-ports picks free ones instead (shared hosts, tests)

@@ -15,12 +15,12 @@ from mtrec.errors import MtrecError
 
 # subcommand -> "module:function" taking the remaining argv (each owns its own argparse)
 PASSTHROUGH = {
-    "train": ("train.run:main", "train a multi-task model on Ray Train"),
-    "tune": ("tune.run:main", "search task weighting with Ray Tune"),
-    "serve": ("serve.run:main", "serve a bundle with Ray Serve (or write its Serve config)"),
-    "cluster": ("cluster.cli:main", "local Ray cluster up/down/status"),
-    "submit": ("cluster.submit:main", "submit train/tune as a Ray job"),
-    "demo": ("cluster.demo:main", "the one-command end-to-end demo"),
+    "train": ("mtrec_train.run:main", "train a multi-task model on Ray Train"),
+    "tune": ("mtrec_tune.run:main", "search task weighting with Ray Tune"),
+    "serve": ("mtrec_serve.run:main", "serve a bundle with Ray Serve (or write its Serve config)"),
+    "cluster": ("mtrec_cluster.local:main", "local Ray cluster up/down/status"),
+    "submit": ("mtrec_cluster.submit:main", "submit train/tune as a Ray job"),
+    "demo": ("mtrec_app.demo:main", "the one-command end-to-end demo"),
 }
 
 SCENARIOS = ("ecommerce", "social", "search")

@@ -31,7 +31,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from mtrec.data.contract import atomic_write_text
+from mtrec.io import atomic_write_text
 
 FULL = {"users": 2000, "items": 1000, "interactions": 100_000, "epochs": 4, "trials": 4, "requests": 1500}
 MAX_TRIALS = 4  # the demo's search stays short; `mtrec tune` runs longer ones
@@ -103,7 +103,7 @@ def stage_data(out: Path, size: dict[str, int], seed: int) -> Path:
 
 def stage_train(data: Path, out: Path, size: dict[str, int]) -> dict[str, Any]:
     from mtrec.config import load_preset
-    from train.trainer import run_training
+    from mtrec_train.trainer import run_training
 
     cfg = load_preset("synthetic-ecommerce").override([f"train.epochs={size['epochs']}"])
     say(f"2/6 train: {cfg.model.arch}, {cfg.encoder.name} {cfg.encoder.mode}, {cfg.train.num_workers} workers")
@@ -112,7 +112,7 @@ def stage_train(data: Path, out: Path, size: dict[str, int]) -> dict[str, Any]:
 
 def stage_tune(data: Path, out: Path, size: dict[str, int]) -> dict[str, Any]:
     from mtrec.config import load_preset
-    from tune.run import SearchInterrupted, run_search
+    from mtrec_tune.run import SearchInterrupted, run_search
 
     cfg = load_preset("synthetic-ecommerce").override([f"train.epochs={size['epochs']}", "train.num_workers=1"])
     say(f"3/6 tune: {size['trials']} trials over the loss weighting (equal weights first)")
@@ -130,7 +130,7 @@ def stage_serve(bundle: Path, out: Path, port: int, prometheus_url: str | None, 
     import ray
     import ray.serve
 
-    from serve.app import build_app
+    from mtrec_serve.app import build_app
 
     free = ray.available_resources().get("CPU", 0.0)
     say(f"4/6 serve: {bundle} on http://127.0.0.1:{port} ({free:g} logical CPUs free)")
@@ -152,7 +152,7 @@ def stage_serve(bundle: Path, out: Path, port: int, prometheus_url: str | None, 
 
 
 def stage_traffic(data: Path, url: str, requests: int, rounds: int = 6) -> tuple[dict[str, Any], list[dict]]:
-    from cluster.traffic import SimulatedUsers, TrafficReport
+    from mtrec_app.traffic import SimulatedUsers, TrafficReport
 
     users = SimulatedUsers(data, url, tasks=["click", "add_to_cart", "purchase"], candidates=20, k=5)
     say(f"5/6 traffic: {requests} requests from simulated users ({', '.join(users.tasks)} feedback)")
@@ -188,8 +188,8 @@ def purchase_targets(data: Path) -> dict[str, float]:
 
 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
-    from cluster.prometheus import ray_metrics_targets, start_prometheus, write_config
-    from cluster.ray_env import ensure_ray, free_port
+    from mtrec_cluster.prometheus import ray_metrics_targets, start_prometheus, write_config
+    from mtrec_cluster.ray_env import ensure_ray, free_port
 
     size = dict(QUICK if args.quick else FULL)
     size.update({k: v for k, v in (("trials", args.trials), ("requests", args.requests)) if v is not None})

@@ -1,71 +1,118 @@
 """``mtrec``: the command-line front door. Each subcommand is thin and calls into the packages.
 
 Subcommands that need Ray (train, tune, serve, cluster, submit, demo) import their package lazily,
-so ``mtrec data ...`` works without starting or even importing Ray.
+so ``mtrec data ...`` works without starting or even importing Ray. Every error ray-mtrec raises on
+purpose (:class:`~mtrec.errors.MtrecError`) prints as one ``error:`` line and exits 2, as argparse's
+usage errors do.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
+from mtrec.cli_help import HelpFormatter
 from mtrec.errors import MtrecError
 
-# subcommand -> "module:function" taking the remaining argv (each owns its own argparse)
+# subcommand -> ("module:function" taking the remaining argv, each with its own argparse; one-line help)
 PASSTHROUGH = {
     "train": ("mtrec_train.run:main", "train a multi-task model on Ray Train"),
     "tune": ("mtrec_tune.run:main", "search task weighting with Ray Tune"),
-    "serve": ("mtrec_serve.run:main", "serve a bundle with Ray Serve (or write its Serve config)"),
+    "serve": ("mtrec_serve.run:main", "serve a bundle with Ray Serve; `mtrec serve config` writes its Serve config"),
     "cluster": ("mtrec_cluster.local:main", "local Ray cluster up/down/status"),
     "submit": ("mtrec_cluster.submit:main", "submit train/tune as a Ray job"),
     "demo": ("mtrec_app.demo:main", "the one-command end-to-end demo"),
 }
 
+# `mtrec data NAME` -> (module, function, what --src holds)
+CONVERTERS = {
+    "movielens": ("mtrec.data.movielens", "convert", "MovieLens ml-100k or ml-1m folder"),
+    "ali-ccp": ("mtrec.data.alibaba", "convert_ali_ccp", "Ali-CCP CSVs (torch-rechub layout)"),
+    "aliexpress": ("mtrec.data.alibaba", "convert_aliexpress", "AliExpress CSVs (Tianchi layout)"),
+    "census": ("mtrec.data.census", "convert", "UCI Census-Income (KDD) raw data file folder"),
+    "kuairand": ("mtrec.data.kuairand", "convert", "KuaiRand log_standard_*.csv folder"),
+}
+
 SCENARIOS = ("ecommerce", "social", "search")
 
 
-def _data_parser(sub: argparse._SubParsersAction) -> None:
-    data = sub.add_parser("data", help="build, convert and validate datasets").add_subparsers(
-        dest="data_cmd", required=True
+def _out_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="dataset directory to write; refused when it holds files mtrec did not write",
     )
-    s = data.add_parser("synth", help="a synthetic scenario with known ground truth")
-    s.add_argument("--scenario", choices=SCENARIOS, default="ecommerce")
-    s.add_argument("--out", required=True)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--users", type=int, default=2000)
-    s.add_argument("--items", type=int, default=1000)
-    s.add_argument("--interactions", type=int, default=100_000)
-    for name, help_ in (
-        ("movielens", "MovieLens ml-100k or ml-1m folder"),
-        ("ali-ccp", "Ali-CCP CSVs (torch-rechub layout)"),
-        ("aliexpress", "AliExpress CSVs (Tianchi layout)"),
-        ("census", "UCI Census-Income (KDD) raw data file folder"),
-        ("kuairand", "KuaiRand log_standard_*.csv folder"),
-    ):
-        p = data.add_parser(name, help=help_)
-        p.add_argument("--src", required=True)
-        p.add_argument("--out", required=True)
-        p.add_argument("--seed", type=int, default=0)
-    v = data.add_parser("validate", help="check a dataset against the data contract")
-    v.add_argument("path")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write into DIR although it holds files mtrec did not write (they are kept; same names are replaced)",
+    )
+
+
+def _data_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = sub.add_parser(
+        "data",
+        help="build, convert and validate datasets",
+        description="build, convert and validate datasets in the data contract",
+        formatter_class=HelpFormatter,
+    )
+    data = parser.add_subparsers(dest="data_cmd")
+    s = data.add_parser(
+        "synth",
+        help="a synthetic scenario with known ground truth",
+        description="write a synthetic scenario with known ground truth (ground_truth.parquet holds the oracle)",
+        formatter_class=HelpFormatter,
+    )
+    s.add_argument("--scenario", choices=SCENARIOS, default="ecommerce", help="the simulated world")
+    _out_arguments(s)
+    s.add_argument("--seed", type=int, default=0, help="random seed: the same arguments give identical files")
+    s.add_argument("--users", type=int, default=2000, help="number of users")
+    s.add_argument("--items", type=int, default=1000, help="number of items")
+    s.add_argument("--interactions", type=int, default=100_000, help="number of interaction rows")
+    for name, (_, _, source) in CONVERTERS.items():
+        p = data.add_parser(
+            name,
+            help=f"convert {source}",
+            description=f"convert {source} into the data contract",
+            formatter_class=HelpFormatter,
+        )
+        p.add_argument("--src", required=True, metavar="DIR", help=source)
+        _out_arguments(p)
+        p.add_argument("--seed", type=int, default=0, help="random seed (negative sampling, split assignment)")
+    v = data.add_parser(
+        "validate",
+        help="check a dataset against the data contract",
+        description="check a dataset against the data contract; exit 1 when it breaks a rule (warnings alone exit 0)",
+        formatter_class=HelpFormatter,
+    )
+    v.add_argument("path", help="dataset directory")
+    return parser
 
 
 def _run_data(args: argparse.Namespace) -> int:
-    if args.data_cmd == "validate":
-        from mtrec.data.contract import validate
+    from mtrec.data.summary import describe
 
-        problems = validate(args.path)
-        if problems:
-            print(f"{args.path}: {len(problems)} problem(s)", file=sys.stderr)
-            for p in problems:
+    if args.data_cmd == "validate":
+        from mtrec.data.contract import review
+
+        found = review(args.path)
+        for w in found.warnings:
+            print(f"warning: {w}", file=sys.stderr)
+        if found.errors:
+            print(f"{args.path}: {len(found.errors)} problem(s)", file=sys.stderr)
+            for p in found.errors:
                 print(f"  {p}", file=sys.stderr)
             return 1
-        from mtrec.data.summary import describe
-
         print(describe(args.path))
         return 0
+    from mtrec.io import check_output
+
+    check_output(args.out, args.force)  # before reading the source, which can take minutes
     if args.data_cmd == "synth":
         from mtrec.data.synthetic import generate
 
@@ -76,43 +123,59 @@ def _run_data(args: argparse.Namespace) -> int:
             num_items=args.items,
             num_interactions=args.interactions,
             seed=args.seed,
+            force=args.force,
         )
     else:
-        module, fn = {
-            "movielens": ("mtrec.data.movielens", "convert"),
-            "ali-ccp": ("mtrec.data.alibaba", "convert_ali_ccp"),
-            "aliexpress": ("mtrec.data.alibaba", "convert_aliexpress"),
-            "census": ("mtrec.data.census", "convert"),
-            "kuairand": ("mtrec.data.kuairand", "convert"),
-        }[args.data_cmd]
-        out = getattr(importlib.import_module(module), fn)(Path(args.src), Path(args.out), seed=args.seed)
-    from mtrec.data.summary import describe
-
+        module, fn, _ = CONVERTERS[args.data_cmd]
+        convert = getattr(importlib.import_module(module), fn)
+        out = convert(Path(args.src), Path(args.out), seed=args.seed, force=args.force)
     print(describe(out))
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The ``mtrec`` parser and its ``data`` subparser."""
+    parser = argparse.ArgumentParser(
+        prog="mtrec",
+        description="LLM-driven multi-task recommendation on Ray",
+        epilog="`mtrec COMMAND --help` describes a command",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('ray-mtrec')}")
+    sub = parser.add_subparsers(dest="cmd", metavar="COMMAND")
+    data = _data_parser(sub)
+    for name, (_, help_) in PASSTHROUGH.items():
+        sub.add_parser(name, help=help_, add_help=False, formatter_class=HelpFormatter)
+    return parser, data
+
+
+def _dispatch(argv: list[str]) -> int:
     if argv and argv[0] in PASSTHROUGH:
-        target, _ = PASSTHROUGH[argv[0]]
-        module, fn = target.split(":")
+        module, fn = PASSTHROUGH[argv[0]][0].split(":")
+        return int(getattr(importlib.import_module(module), fn)(argv[1:]) or 0)
+    parser, data = _parsers()
+    args = parser.parse_args(argv)
+    if args.cmd is None or args.data_cmd is None:  # `mtrec`, `mtrec data`: what there is to do, as a usage error
+        (parser if args.cmd is None else data).print_help(sys.stderr)
+        return 2
+    return _run_data(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``mtrec`` console script: 0 on success, 1 when ``data validate`` finds problems, 2 on a usage
+    error or any :class:`~mtrec.errors.MtrecError` (printed as one line)."""
+    try:
         try:
-            return int(getattr(importlib.import_module(module), fn)(argv[1:]) or 0)
+            return _dispatch(list(sys.argv[1:] if argv is None else argv))
         except MtrecError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-    parser = argparse.ArgumentParser(prog="mtrec", description="LLM-driven multi-task recommendation on Ray")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    _data_parser(sub)
-    for name, (_, help_) in PASSTHROUGH.items():
-        sub.add_parser(name, help=help_, add_help=False)
-    args = parser.parse_args(argv)
-    try:
-        return _run_data(args)
-    except MtrecError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        finally:
+            sys.stdout.flush()  # a reader that went away (`mtrec --help | head -1`) fails here, not at exit
+    except BrokenPipeError:
+        # Python's final flush would fail again and print a traceback: point stdout at /dev/null instead.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

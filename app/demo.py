@@ -3,17 +3,21 @@
 1. data     the synthetic ``ecommerce`` scenario (click -> add_to_cart -> purchase, ad_click), whose true
             probabilities are known;
 2. train    the ``synthetic-ecommerce`` preset (frozen MiniLM item vectors, MMoE) with 2 Ray Train workers;
-3. tune     a short Ray Tune search over the loss weighting (at most 4 trials);
+3. tune     a short Ray Tune search over the loss weighting and learning rate (at most 4 trials);
 4. serve    the better of the two bundles on Ray Serve at http://127.0.0.1:PORT, the controller reading
             a real Prometheus when the binary is installed (else Ray's metrics endpoint directly);
 5. traffic  simulated users send requests and feedback drawn from the true probabilities; the
             controller (``target`` policy: holds the purchase rate per impression near a target) moves
             the fusion weights;
-6. summary  per-task test AUC, the best trial, serving latency, the weights before and after, and the
-            plots (training curves, Pareto front, weight trajectory) in the output folder.
+6. summary  the served model's test AUC per task beside the oracle's (the true probabilities), every
+            setting the best trial changed, serving latency, the fusion weights before and after, and
+            the plots (training curves, AUC against the oracle, Pareto front, weight trajectory).
 
-Everything it starts (Ray, Serve, Prometheus) is stopped at the end or on Ctrl-C; ``--keep-serving``
-leaves the service up and prints its URL until Ctrl-C.
+The terminal shows stage lines, a progress bar per long stage, a line per epoch, trial and round, and
+the summary last, once everything has stopped; Ray's, Tune's and Serve's own output goes to
+``OUT/logs/demo.log``. ``OUT`` must be absent, empty or an earlier demo's (``--force`` writes into
+another folder, leaving its other files alone). Everything it starts (Ray, Serve, Prometheus) is
+stopped at the end or on Ctrl-C; ``--keep-serving`` leaves the service up until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -31,11 +35,21 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from mtrec.io import atomic_write_text
+from mtrec.cli_help import HelpFormatter
+from mtrec.config import Config
+from mtrec.io import atomic_write_text, claim_output
+from mtrec_app.console import Console, quiet_terminal
+from mtrec_app.summary import summarize, summary_lines
 
 FULL = {"users": 2000, "items": 1000, "interactions": 100_000, "epochs": 4, "trials": 4, "requests": 1500}
 MAX_TRIALS = 4  # the demo's search stays short; `mtrec tune` runs longer ones
 QUICK = {"users": 300, "items": 200, "interactions": 12_000, "epochs": 2, "trials": 2, "requests": 300}
+STRATEGIES = ["static", "uncertainty", "dwa"]  # the demo's search space of loss weightings
+ROUNDS = 6  # of traffic, a line each
+OUTPUTS = ("data", "train", "tune", "controller", "prometheus", "logs", "weights.png", "summary.json")
+LOG = Path("logs") / "demo.log"  # under OUT: everything Ray, Tune, Serve and the libraries print
+QUIET_ENV = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}  # read by every Ray process, Tune trials' included
+SERVE_LOGGING = {"enable_access_log": False, "log_level": "WARNING"}  # no line per request or handle call
 
 
 @contextmanager
@@ -47,10 +61,6 @@ def keeps_ctrl_c() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, before)
-
-
-def say(msg: str) -> None:
-    print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def get(url: str, timeout: float = 10.0) -> dict[str, Any]:
@@ -94,47 +104,101 @@ def plot_weights(trajectory: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def stage_data(out: Path, size: dict[str, int], seed: int) -> Path:
+def claim(out: str | Path, force: bool) -> Path:
+    """The demo's output folder (:func:`mtrec.io.claim_output`: refused when it holds files the tool did
+    not write, unless ``force``), with what an earlier demo left there removed: a demo starts afresh
+    (Tune would resume an earlier search). Only the demo's own :data:`OUTPUTS` are removed."""
+    out = claim_output(Path(out).resolve(), force)
+    for name in OUTPUTS:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    return out
+
+
+def demo_config(size: dict[str, int], *overrides: str) -> Config:
+    from mtrec.config import load_preset
+
+    return load_preset("synthetic-ecommerce").override([f"train.epochs={size['epochs']}", *overrides])
+
+
+def stage_data(out: Path, size: dict[str, int], seed: int, console: Console) -> Path:
     from mtrec.data.synthetic import generate
 
-    say(f"1/6 data: synthetic ecommerce, {size['interactions']:,} interactions -> {out / 'data'}")
+    console.say(f"1/6 data: synthetic ecommerce, {size['interactions']:,} interactions -> {out / 'data'}")
     return generate("ecommerce", out / "data", size["users"], size["items"], size["interactions"], seed)
 
 
-def stage_train(data: Path, out: Path, size: dict[str, int]) -> dict[str, Any]:
-    from mtrec.config import load_preset
+def encode_texts(cfg: Config, data: Path, console: Console, chunks: int = 10) -> None:
+    """The item texts (and contexts) through the frozen language model, in chunks so that a bar moves,
+    into the vector cache (:func:`mtrec.encoders.encode_cached`) where training then finds them."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from mtrec.data.contract import INTERACTIONS, ITEMS
+    from mtrec.encoders import TextEncoder, encode_cached
+
+    texts = pq.read_table(data / ITEMS, columns=["text"]).column("text").to_pylist()
+    if "context" in pq.read_schema(data / INTERACTIONS).names:
+        contexts = pc.unique(pq.read_table(data / INTERACTIONS, columns=["context"]).column("context"))
+        texts += sorted(set(contexts.drop_null().to_pylist()) - {""})
+    start, step = time.perf_counter(), -(-len(texts) // chunks)
+    with console.bar("encoding", len(texts), "texts") as bar:
+        encoder = TextEncoder.from_config(cfg.encoder)
+        for i in range(0, len(texts), step):
+            encode_cached(encoder, texts[i : i + step], cfg.encoder.cache_dir or None, cfg.encoder.batch_size)
+            bar.set(i + step)
+    console.line(f"   {len(texts):,} texts encoded or found in the vector cache in {time.perf_counter() - start:.1f} s")
+
+
+def stage_train(data: Path, out: Path, size: dict[str, int], console: Console) -> dict[str, Any]:
+    from mtrec_app.progress import EpochFeed, EpochLines, feed
     from mtrec_train.trainer import run_training
 
-    cfg = load_preset("synthetic-ecommerce").override([f"train.epochs={size['epochs']}"])
-    say(f"2/6 train: {cfg.model.arch}, {cfg.encoder.name} {cfg.encoder.mode}, {cfg.train.num_workers} workers")
-    return run_training(cfg, data, out / "train")
+    cfg = demo_config(size)
+    console.say(
+        f"2/6 train: {cfg.model.arch} on {cfg.encoder.mode} {cfg.encoder.name} vectors, "
+        f"{cfg.train.num_workers} Ray Train workers, {size['epochs']} epochs"
+    )
+    if cfg.encoder.mode == "frozen":
+        encode_texts(cfg, data, console)
+    with console.bar("training", size["epochs"], "epochs") as bar, keeps_ctrl_c():
+        with feed(EpochLines(console, bar, size["epochs"])) as q:
+            return run_training(cfg, data, out / "train", callbacks=[EpochFeed(q)])
 
 
-def stage_tune(data: Path, out: Path, size: dict[str, int]) -> dict[str, Any]:
-    from mtrec.config import load_preset
-    from mtrec_tune.run import SearchInterrupted, run_search
+def stage_tune(data: Path, out: Path, size: dict[str, int], console: Console) -> tuple[dict[str, Any], Config]:
+    """The search's summary (``OUT/tune/result/summary.json``) and the config every trial started from."""
+    from mtrec_app.progress import TrialFeed, TrialLines, feed
+    from mtrec_tune.search import SearchInterrupted, run_search
 
-    cfg = load_preset("synthetic-ecommerce").override([f"train.epochs={size['epochs']}", "train.num_workers=1"])
-    say(f"3/6 tune: {size['trials']} trials over the loss weighting (equal weights first)")
+    cfg = demo_config(size, "train.num_workers=1")
+    trials, epochs = size["trials"], size["epochs"]
+    console.say(f"3/6 tune: {trials} trials over the loss weighting and learning rate (equal weights first)")
     try:
-        return run_search(
-            cfg, data, out / "tune", size["trials"], "mean_auc", strategies=["static", "uncertainty", "dwa"]
-        )
+        with console.bar("trials", trials * epochs, "epochs of all trials") as bar, keeps_ctrl_c():
+            with feed(TrialLines(console, bar, epochs, "mean valid AUC")) as q:
+                summary = run_search(cfg, data, out / "tune", trials, "mean_auc", STRATEGIES, callbacks=[TrialFeed(q)])
     except SearchInterrupted as e:
         # Ctrl-C reaches Tune's own handler, which ends the search early; the demo stops as a whole
         # (its next run starts afresh, so there is nothing to resume)
         raise KeyboardInterrupt("tuning interrupted") from e
+    return summary, cfg
 
 
-def stage_serve(bundle: Path, out: Path, port: int, prometheus_url: str | None, targets: dict[str, float]) -> str:
+def stage_serve(
+    bundle: Path, out: Path, port: int, prometheus_url: str | None, targets: dict[str, float], console: Console
+) -> str:
     import ray
     import ray.serve
 
     from mtrec_serve.app import build_app
 
     free = ray.available_resources().get("CPU", 0.0)
-    say(f"4/6 serve: {bundle} on http://127.0.0.1:{port} ({free:g} logical CPUs free)")
-    ray.serve.start(http_options={"host": "127.0.0.1", "port": port})
+    console.say(f"4/6 serve: {bundle} on http://127.0.0.1:{port} ({free:g} logical CPUs free)")
+    ray.serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=SERVE_LOGGING)
     args = {
         "bundle": str(bundle),
         "prometheus_url": prometheus_url,
@@ -145,27 +209,29 @@ def stage_serve(bundle: Path, out: Path, port: int, prometheus_url: str | None, 
         "period_s": 4.0,
         "window_s": 30.0,
     }
-    ray.serve.run(build_app(args), name="mtrec", route_prefix="/")
+    ray.serve.run(build_app(args), name="mtrec", route_prefix="/", logging_config=SERVE_LOGGING)
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url)
     return url
 
 
-def stage_traffic(data: Path, url: str, requests: int, rounds: int = 6) -> tuple[dict[str, Any], list[dict]]:
+def stage_traffic(data: Path, url: str, requests: int, console: Console) -> tuple[dict[str, Any], list[dict]]:
     from mtrec_app.traffic import SimulatedUsers, TrafficReport
 
     users = SimulatedUsers(data, url, tasks=["click", "add_to_cart", "purchase"], candidates=20, k=5)
-    say(f"5/6 traffic: {requests} requests from simulated users ({', '.join(users.tasks)} feedback)")
+    console.say(f"5/6 traffic: {requests} requests from simulated users ({', '.join(users.tasks)} feedback)")
     trajectory = [{"t": time.time(), **_weights(url)}]
-    per_round = max(1, requests // rounds)
+    per_round = max(1, requests // ROUNDS)
     reports = []
-    for r in range(rounds):
-        reports.append(users.run(per_round, concurrency=4, start=r * per_round))
-        time.sleep(5)  # a controller period or so: metrics reach it
-        trajectory.append({"t": time.time(), **_weights(url)})
-        s = reports[-1].summary()
-        w = ", ".join(f"{k} {v:.2f}" for k, v in trajectory[-1]["weights"].items())
-        say(f"   round {r + 1}/{rounds}: p50 {s['p50_ms']:.0f} ms, failed {s['failed']}; weights {w}")
+    with console.bar("traffic", ROUNDS, "rounds") as bar:
+        for r in range(ROUNDS):
+            reports.append(users.run(per_round, concurrency=4, start=r * per_round))
+            time.sleep(5)  # a controller period or so: metrics reach it
+            trajectory.append({"t": time.time(), **_weights(url)})
+            bar.advance()
+            s = reports[-1].summary()
+            w = ", ".join(f"{k} {v:.2f}" for k, v in trajectory[-1]["weights"].items())
+            console.line(f"   round {r + 1}/{ROUNDS}: p50 {s['p50_ms']:.0f} ms, failed {s['failed']}; weights {w}")
     s = TrafficReport.merge(reports).summary()
     total = {k: s[k] for k in ("requests", "failed", "errors", "p50_ms", "p99_ms", "impressions")}
     total["events"] = {t: s["events"].get(t, 0) for t in users.tasks}
@@ -187,58 +253,40 @@ def purchase_targets(data: Path) -> dict[str, float]:
     return {"purchase": 2.5 * rate}
 
 
-def run_demo(args: argparse.Namespace) -> dict[str, Any]:
-    from mtrec_cluster.prometheus import ray_metrics_targets, start_prometheus, write_config
-    from mtrec_cluster.ray_env import ensure_ray, free_port
+def run_demo(args: argparse.Namespace, out: Path, console: Console) -> dict[str, Any]:
+    """Every stage; returns the summary (also ``OUT/summary.json``), printed once everything has stopped."""
+    from mtrec_cluster.prometheus import ray_metrics_targets, start_prometheus, write_prometheus_config
+    from mtrec_cluster.ray_env import local_ray
 
     size = dict(QUICK if args.quick else FULL)
     size.update({k: v for k, v in (("trials", args.trials), ("requests", args.requests)) if v is not None})
-    out = Path(args.out).resolve()
-    shutil.rmtree(out, ignore_errors=True)  # summary.json, written last, marks a finished demo
-    out.mkdir(parents=True)
     t0 = time.perf_counter()
     with ExitStack() as stack:
-        started = ensure_ray(args.address, num_cpus=args.num_cpus, metrics_export_port=free_port())
-        import ray
-        import ray.serve
-
-        if started:
-            stack.callback(ray.shutdown)
-        stack.callback(_shutdown_serve)
+        stack.enter_context(local_ray(args.address, num_cpus=args.num_cpus, export_metrics=True))
+        stack.callback(_shutdown_serve)  # before Ray stops (the stack unwinds in reverse)
         prom_url = None
         if shutil.which(os.environ.get("MTREC_PROMETHEUS", "prometheus")) and not args.no_prometheus:
-            config = write_config(
+            config = write_prometheus_config(
                 out / "prometheus" / "prometheus.yml", targets=ray_metrics_targets(), scrape_interval_s=2
             )
             server = start_prometheus(config, data_dir=out / "prometheus" / "data")
             stack.callback(server.stop)
             prom_url = server.url
-            say(f"0/6 prometheus: {prom_url} scraping Ray's metrics every 2 s")
+            console.say(f"0/6 prometheus: {prom_url} scraping Ray's metrics every 2 s")
         else:
-            say("0/6 prometheus: not installed; the controller scrapes Ray's metrics endpoint directly")
+            console.say("0/6 prometheus: not installed; the controller scrapes Ray's metrics endpoint directly")
 
-        data = stage_data(out, size, args.seed)
-        with keeps_ctrl_c():
-            trained = stage_train(data, out, size)
-        with keeps_ctrl_c():
-            tuned = stage_tune(data, out, size)
-        train_obj, tune_obj = _objective(trained), (tuned.get("best") or {}).get("score", float("-inf"))
-        bundle = out / "tune" / "result" / "best" / "bundle" if tune_obj > train_obj else out / "train" / "bundle"
-        url = stage_serve(bundle, out, args.port, prom_url, purchase_targets(data))
-        traffic, trajectory = stage_traffic(data, url, size["requests"])
+        data = stage_data(out, size, args.seed, console)
+        trained = stage_train(data, out, size, console)
+        tuned, tune_base = stage_tune(data, out, size, console)
+        # the better of the two on validation (a search without a best trial raised)
+        served_run = out / "tune" / "result" / "best" if tuned["best"]["score"] > _objective(trained) else out / "train"
+        url = stage_serve(served_run / "bundle", out, args.port, prom_url, purchase_targets(data), console)
+        traffic, trajectory = stage_traffic(data, url, size["requests"], console)
         plot_weights(trajectory, out / "weights.png")
         summary = {
             "seconds": time.perf_counter() - t0,
-            "test_auc": {t: m["auc"] for t, m in trained["test"].items() if "auc" in m},
-            "train_samples_per_s": trained["train"]["samples_per_s"],
-            "tune": {
-                "trials": tuned["trials"],
-                "best": (tuned.get("best") or {}).get("trial_id"),
-                "best_score": tune_obj,
-                "baseline_score": (tuned.get("baseline") or {}).get("score"),
-                "pareto_front": tuned.get("pareto_front"),
-            },
-            "served_bundle": str(bundle),
+            **summarize(data, served_run, trained, tuned, tune_base, out),
             "url": url,
             "prometheus": prom_url,
             "serving": traffic,
@@ -247,19 +295,26 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             "controller_reason": trajectory[-1]["reason"],
             "plots": [
                 str(p)
-                for p in (out / "train" / "curves.png", out / "tune" / "result" / "pareto.png", out / "weights.png")
+                for p in (
+                    served_run / "curves.png",
+                    served_run / "oracle.png",
+                    out / "tune" / "result" / "pareto.png",
+                    out / "weights.png",
+                )
             ],
+            "log": str(out / LOG),
         }
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=float))
-        print_summary(summary)
         if args.keep_serving:
-            say(f"serving on {url} (docs: {url}/docs); Ctrl-C stops")
+            console.say(f"serving on {url} (docs: {url}/docs); Ctrl-C stops it and prints the summary")
             stop = threading.Event()
             signal.signal(signal.SIGTERM, lambda *_: stop.set())
             try:
                 stop.wait()
             except KeyboardInterrupt:
                 pass
+    for line in summary_lines(summary, out):
+        console.line(line)
     return summary
 
 
@@ -276,29 +331,14 @@ def _shutdown_serve() -> None:
         ray.serve.shutdown()
 
 
-def print_summary(s: dict[str, Any]) -> None:
-    line = "-" * 72
-    print(line)
-    print(f"ray-mtrec demo finished in {s['seconds']:.0f} s")
-    print("test AUC (2-worker training): " + ", ".join(f"{t} {v:.3f}" for t, v in s["test_auc"].items()))
-    t = s["tune"]
-    print(
-        f"tuning: {t['trials']} trials, best {t['best']} (mean valid AUC {t['best_score']:.4f}; equal weights {t['baseline_score']:.4f})"
-    )
-    v = s["serving"]
-    print(
-        f"serving: {v['requests']} requests, {v['failed']} failed, p50 {v['p50_ms']:.0f} ms, p99 {v['p99_ms']:.0f} ms"
-    )
-    print("weights before: " + ", ".join(f"{k} {w:.3f}" for k, w in s["weights_before"].items()))
-    print("weights after:  " + ", ".join(f"{k} {w:.3f}" for k, w in s["weights_after"].items()))
-    print(f"controller: {s['controller_reason']}")
-    print("plots: " + ", ".join(s["plots"]))
-    print(line, flush=True)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="mtrec demo", description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="out/demo", help="output folder (replaced)")
+    p = argparse.ArgumentParser(
+        prog="mtrec demo",
+        description="The whole system on one machine, end to end, in a few minutes.",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("--out", default="out/demo", help="output folder: absent, empty or an earlier demo's")
+    p.add_argument("--force", action="store_true", help="write into an --out holding other files (they are kept)")
     p.add_argument("--port", type=int, default=8000, help="Serve HTTP port on 127.0.0.1")
     p.add_argument("--quick", action="store_true", help="a small, fast run (the integration test's mode)")
     p.add_argument(
@@ -307,7 +347,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=None, help="simulated requests")
     p.add_argument("--keep-serving", action="store_true", help="leave the service up at the end until Ctrl-C")
     p.add_argument("--no-prometheus", action="store_true", help="scrape Ray's metrics directly, even if installed")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
     p.add_argument("--address", default=None, help="Ray address to join (default: an embedded local Ray)")
     p.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the embedded local Ray")
     return p.parse_args(argv)
@@ -328,14 +368,20 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    out = claim(args.out, args.force)  # before anything starts: OutputError (exit 2) on someone else's folder
     signal.signal(signal.SIGTERM, _interrupt)  # stop the same clean way as Ctrl-C
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    try:
-        run_demo(args)
-    except KeyboardInterrupt:
-        say("interrupted: everything the demo started has been stopped")
-        return 130
+    for k, v in {**QUIET_ENV, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}.items():
+        os.environ.setdefault(k, v)
+    with quiet_terminal(out / LOG, "demo") as console:
+        console.say(f"output in {out}; Ray's, Tune's and Serve's own output in {out / LOG}")
+        try:
+            run_demo(args, out, console)
+        except KeyboardInterrupt:
+            console.say("interrupted: everything the demo started has been stopped")
+            return 130
+        except Exception:
+            console.say(f"failed (the error follows); Ray's, Tune's and Serve's output is in {out / LOG}")
+            raise
     return 0
 
 

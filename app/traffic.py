@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from mtrec.data.contract import INTERACTIONS, read_tasks
-from mtrec.sim import conditional, load_pool
+from mtrec.fusion.simulator import conditional, load_pool
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Fusion-weight policies against the oracle in the feedback simulator (``python -m bench.policy_bench``).
 
-The setting (see :mod:`mtrec.sim` for the simulator):
+The setting (see :mod:`mtrec.fusion.simulator` for the simulator):
 
 - world: the ``ecommerce`` scenario, 2000 users, 1000 items, 300k impressions per seed; the funnel
   click -> add_to_cart -> purchase. Requests of 50 candidates; the top 5 are shown. The simulated
@@ -57,7 +57,7 @@ import numpy as np
 from bench.common import RESULTS, save_results
 from mtrec.data.synthetic import load_spec
 from mtrec.fusion import Limits, build_policy
-from mtrec.sim import Shift, SimResult, Simulator, synthetic_pool
+from mtrec.fusion.simulator import Shift, SimResult, Simulator, synthetic_pool
 
 SCENARIO = "ecommerce"
 TASKS = ["click", "add_to_cart", "purchase"]

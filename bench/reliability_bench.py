@@ -11,7 +11,7 @@ then each fault under load, then the fuzz of the HTTP API.
 2. **faults** under load from 4 client threads (:mod:`mtrec_app.faults`): a TaskHeads replica killed
    (one of two); the controller's Prometheus answering garbage, errors and slowly; a corrupt, a newer
    and a misshapen bundle offered for redeployment. Requests sent and failed under each;
-3. **fuzz**: :func:`mtrec_app.faults.fuzz_api` (schemathesis from ``/openapi.json``, valid, invalid and
+3. **fuzz**: :func:`bench.fuzz.fuzz_api` (schemathesis from ``/openapi.json``, valid, invalid and
    servable bodies, plus the hand-written hostile requests): cases tried, 5xx seen.
 
 The controller reads a stand-in Prometheus (:class:`mtrec_app.faults.FakePrometheus`, good answers
@@ -202,55 +202,54 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import ray.serve
 
+    from bench.fuzz import fuzz_api, hostile_requests
     from bench.serve_bench import build_bundle
-    from mtrec.serving import Catalog
-    from mtrec_app.faults import FakePrometheus, fuzz_api, hostile_requests
+    from mtrec.inference import Catalog
+    from mtrec_app.faults import FakePrometheus
     from mtrec_app.traffic import SimulatedUsers
-    from mtrec_cluster.ray_env import ensure_ray, free_port
+    from mtrec_cluster.ray_env import free_port, local_ray
     from mtrec_serve.app import AppArgs, graph
 
     tmp = tempfile.TemporaryDirectory()
     work = Path(tmp.name)
     bundle = Path(args.bundle) if args.bundle else build_bundle(work)
     data = bundle.parent / "data"
-    started = ensure_ray(num_cpus=4, metrics_export_port=free_port())
     port = free_port()
-    try:
-        ray.serve.start(http_options={"host": "127.0.0.1", "port": port})
-        catalog = Catalog.load(bundle)
-        fake = FakePrometheus(APP, catalog.tasks)
-        app_args = AppArgs(
-            bundle=str(bundle), prometheus_url=fake.url, auth_token_env=TOKEN_ENV, period_s=5.0, **LIMITS
-        )
-        pinned = lambda n: {"autoscaling_config": {"min_replicas": n, "max_replicas": n}}  # noqa: E731
-        options = {
-            "Ingress": {"ray_actor_options": {"num_cpus": 0.25, "runtime_env": {"env_vars": {TOKEN_ENV: TOKEN}}}},
-            "TaskHeads": pinned(2),  # fault 1 kills one of two
-            "Embedder": pinned(1),
-        }
-        ray.serve.run(graph(app_args, options), name=APP, route_prefix="/")
-        url = f"http://127.0.0.1:{port}"
-        users = SimulatedUsers(data, url, candidates=30, k=5, timeout_s=10.0, token=TOKEN)
-        print(f"soak: {args.rate:g} requests/s for {args.minutes:g} min", flush=True)
-        with MemorySampler(args.sample_s) as memory:
-            minutes = soak(users, args.rate, 60 * args.minutes)
-        growth = memory.growth(warmup_s=60.0)
-        fault_runs = faults(users, bundle, fake, work)
-        items = list(catalog.meta.item_ids[:50])
-        fuzz = fuzz_api(
-            url,
-            TOKEN,
-            examples=args.fuzz_examples,
-            hostile=hostile_requests(items, LIMITS),
-            catalog=(items, catalog.tasks, LIMITS["max_candidates"]),
-        ).summary()
-        print(f"fuzz: {fuzz}", flush=True)
-        fake.close()
-    finally:
-        ray.serve.shutdown()
-        if started:
-            ray.shutdown()
-        tmp.cleanup()
+    with local_ray(num_cpus=4, export_metrics=True):
+        try:
+            ray.serve.start(http_options={"host": "127.0.0.1", "port": port})
+            catalog = Catalog.load(bundle)
+            fake = FakePrometheus(APP, catalog.tasks)
+            app_args = AppArgs(
+                bundle=str(bundle), prometheus_url=fake.url, auth_token_env=TOKEN_ENV, period_s=5.0, **LIMITS
+            )
+            pinned = lambda n: {"autoscaling_config": {"min_replicas": n, "max_replicas": n}}  # noqa: E731
+            options = {
+                "Ingress": {"ray_actor_options": {"num_cpus": 0.25, "runtime_env": {"env_vars": {TOKEN_ENV: TOKEN}}}},
+                "TaskHeads": pinned(2),  # fault 1 kills one of two
+                "Embedder": pinned(1),
+            }
+            ray.serve.run(graph(app_args, options), name=APP, route_prefix="/")
+            url = f"http://127.0.0.1:{port}"
+            users = SimulatedUsers(data, url, candidates=30, k=5, timeout_s=10.0, token=TOKEN)
+            print(f"soak: {args.rate:g} requests/s for {args.minutes:g} min", flush=True)
+            with MemorySampler(args.sample_s) as memory:
+                minutes = soak(users, args.rate, 60 * args.minutes)
+            growth = memory.growth(warmup_s=60.0)
+            fault_runs = faults(users, bundle, fake, work)
+            items = list(catalog.meta.item_ids[:50])
+            fuzz = fuzz_api(
+                url,
+                TOKEN,
+                examples=args.fuzz_examples,
+                hostile=hostile_requests(items, LIMITS),
+                catalog=(items, catalog.tasks, LIMITS["max_candidates"]),
+            ).summary()
+            print(f"fuzz: {fuzz}", flush=True)
+            fake.close()
+        finally:
+            ray.serve.shutdown()
+            tmp.cleanup()
 
     steady = minutes[1:] or minutes  # after the warm-up minute
     sent = sum(m["requests"] for m in steady)

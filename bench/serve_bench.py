@@ -6,7 +6,7 @@
   replica: one hop less);
 - ``echo``: a deployment that returns its JSON body, on the same Serve: the floor of HTTP + proxy +
   one replica;
-- ``in-process``: :meth:`mtrec.serving.Scorer.score` of the same request on the same bundle, no Ray.
+- ``in-process``: :meth:`mtrec.inference.Scorer.score` of the same request on the same bundle, no Ray.
 
 Target (issue #6) at concurrency 8: full p50 <= echo p50 + 2 x in-process time. The Embedder's call
 count must stay 0: the text encoder is not on the path for catalog items. Each series also records the
@@ -54,7 +54,7 @@ def build_bundle(root: Path) -> Path:
 
 def requests_for(bundle: Path, n: int, seed: int = 0) -> list[dict[str, Any]]:
     """``n`` recommend bodies: a random known user, 5 history items and 100 catalog candidates each."""
-    from mtrec.serving import Catalog
+    from mtrec.inference import Catalog
 
     meta = Catalog.load(bundle).meta
     rng = np.random.default_rng(seed)
@@ -138,7 +138,7 @@ def in_process(bundle: Path, bodies: list[dict[str, Any]]) -> float:
     import torch
 
     from mtrec.bundle import load_bundle
-    from mtrec.serving import Candidate, Scorer, ScoreRequest
+    from mtrec.inference import Candidate, Scorer, ScoreRequest
 
     torch.set_num_threads(1)
     scorer = Scorer(load_bundle(bundle))
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray.serve
 
-    from mtrec_cluster.ray_env import ensure_ray, free_port
+    from mtrec_cluster.ray_env import free_port, local_ray
     from mtrec_serve.app import AppArgs, graph
 
     tmp = tempfile.TemporaryDirectory()
@@ -164,43 +164,41 @@ def main(argv: list[str] | None = None) -> int:
     model_ms = in_process(bundle, bodies)
     print(f"in-process model: {model_ms:.2f} ms per request of {CANDIDATES} candidates")
 
-    started = ensure_ray(num_cpus=4, metrics_export_port=free_port())
     port = free_port()
-    try:
-        ray.serve.start(http_options={"host": "127.0.0.1", "port": port})
+    with local_ray(num_cpus=4, export_metrics=True):
+        try:
+            ray.serve.start(http_options={"host": "127.0.0.1", "port": port})
 
-        @ray.serve.deployment(max_ongoing_requests=128, ray_actor_options={"num_cpus": 0.25})
-        class Echo:
-            async def __call__(self, request: Any) -> Any:
-                return await request.json()
+            @ray.serve.deployment(max_ongoing_requests=128, ray_actor_options={"num_cpus": 0.25})
+            class Echo:
+                async def __call__(self, request: Any) -> Any:
+                    return await request.json()
 
-        ray.serve.run(Echo.bind(), name=ECHO, route_prefix="/echo")
-        pinned = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 16}}
-        ray.serve.run(graph(AppArgs(bundle=str(bundle)), {"TaskHeads": pinned}), name=APP, route_prefix="/")
-        local = AppArgs(bundle=str(bundle), heads_in_ingress=True)
-        ray.serve.run(graph(local), name=LOCAL, route_prefix="/local")
-        base = f"http://127.0.0.1:{port}"
-        urls = {
-            "echo": base + "/echo",
-            "full": base + "/v1/recommend",
-            "heads_in_ingress": base + "/local/v1/recommend",
-        }
-        pids = serve_processes([ECHO, APP, LOCAL])
-        results: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in urls}
-        for c in CONCURRENCY:
-            for name, url in urls.items():
-                results[name][str(c)] = load(url, bodies, c, pids)
-                r = results[name][str(c)]
-                cpu = sum(v for k, v in r["cpu_ms_per_request"].items())
-                print(
-                    f"concurrency {c:>2} {name:>16}: p50 {r['p50_ms']:6.1f} ms, {r['rps']:6.1f} req/s, CPU {cpu:.1f} ms/req"
-                )
-        embedder = ray.serve.get_deployment_handle("Embedder", APP).stats.remote().result()
-    finally:
-        ray.serve.shutdown()
-        if started:
-            ray.shutdown()
-        tmp.cleanup()
+            ray.serve.run(Echo.bind(), name=ECHO, route_prefix="/echo")
+            pinned = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 16}}
+            ray.serve.run(graph(AppArgs(bundle=str(bundle)), {"TaskHeads": pinned}), name=APP, route_prefix="/")
+            local = AppArgs(bundle=str(bundle), heads_in_ingress=True)
+            ray.serve.run(graph(local), name=LOCAL, route_prefix="/local")
+            base = f"http://127.0.0.1:{port}"
+            urls = {
+                "echo": base + "/echo",
+                "full": base + "/v1/recommend",
+                "heads_in_ingress": base + "/local/v1/recommend",
+            }
+            pids = serve_processes([ECHO, APP, LOCAL])
+            results: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in urls}
+            for c in CONCURRENCY:
+                for name, url in urls.items():
+                    results[name][str(c)] = load(url, bodies, c, pids)
+                    r = results[name][str(c)]
+                    cpu = sum(v for k, v in r["cpu_ms_per_request"].items())
+                    print(
+                        f"concurrency {c:>2} {name:>16}: p50 {r['p50_ms']:6.1f} ms, {r['rps']:6.1f} req/s, CPU {cpu:.1f} ms/req"
+                    )
+            embedder = ray.serve.get_deployment_handle("Embedder", APP).stats.remote().result()
+        finally:
+            ray.serve.shutdown()
+            tmp.cleanup()
 
     echo8, bound = results["echo"]["8"]["p50_ms"], results["echo"]["8"]["p50_ms"] + 2 * model_ms
     full8, local8 = results["full"]["8"]["p50_ms"], results["heads_in_ingress"]["8"]["p50_ms"]

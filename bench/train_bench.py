@@ -127,11 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interactions", type=int, default=100_000)
     p.add_argument("--finetune-interactions", type=int, default=5_000)
     args = p.parse_args(argv)
-    from mtrec_cluster.ray_env import ensure_ray
+    from mtrec_cluster.ray_env import local_ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a loopback-only local Ray for the benchmark
-    ensure_ray(num_cpus=4)
-    with tempfile.TemporaryDirectory() as tmp:
+    with local_ray(num_cpus=4), tempfile.TemporaryDirectory() as tmp:
         if "movielens" in args.which:
             bench_movielens(Path(tmp))
         if "throughput" in args.which:

@@ -36,8 +36,16 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from mtrec.cli_help import HelpFormatter
 from mtrec.errors import MtrecError
-from mtrec_cluster.prometheus import free_port, service_discovery_file, start_prometheus, stop_prometheus, write_config
+from mtrec.io import atomic_write_text
+from mtrec_cluster.prometheus import (
+    free_port,
+    service_discovery_file,
+    start_prometheus,
+    stop_prometheus,
+    write_prometheus_config,
+)
 from mtrec_cluster.ray_env import CLUSTER_FLAG, LOCAL_ENV
 
 STATE_FILE = "cluster.json"
@@ -182,9 +190,7 @@ def read_state(state_dir: str | Path | None = None) -> dict[str, Any] | None:
 
 
 def _write_state(state_dir: Path, state: dict[str, Any]) -> None:
-    tmp = state_dir / f".{STATE_FILE}.tmp"
-    tmp.write_text(json.dumps(state, indent=2))
-    os.replace(tmp, state_dir / STATE_FILE)  # atomic: a reader sees the old state or the new one
+    atomic_write_text(state_dir / STATE_FILE, json.dumps(state, indent=2))  # a reader sees the old or the new
 
 
 def _start_node(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
@@ -271,7 +277,8 @@ def up(
             _write_state(state_dir, state)
             _wait(lambda n=i + 2: _alive_nodes(dashboard) >= n, proc, log, timeout_s, f"worker {i}")
         if prometheus and Path(os.environ.get("MTREC_PROMETHEUS", "/usr/bin/prometheus")).exists():
-            config = write_config(state_dir / "prometheus.yml", sd_file=service_discovery_file(state["session_dir"]))
+            sd_file = service_discovery_file(state["session_dir"])
+            config = write_prometheus_config(state_dir / "prometheus.yml", sd_file=sd_file)
             server = start_prometheus(config, prometheus_port or (free_port() if free_ports else 9090))
             state["prometheus"] = {"pid": server.pid, "url": server.url, "config": str(config), "log": str(server.log)}
             _write_state(state_dir, state)
@@ -348,22 +355,33 @@ def _describe(state: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mtrec cluster", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="mtrec cluster", description=__doc__.split("\n")[0], formatter_class=HelpFormatter
+    )
     parser.add_argument("--state-dir", default=None, help=f"where the state file lives (default {default_state_dir()})")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    u = sub.add_parser("up", help="start a local Ray head (+ workers, + Prometheus)")
+    u = sub.add_parser("up", help="start a local Ray head (+ workers, + Prometheus)", formatter_class=HelpFormatter)
     u.add_argument("--num-cpus", type=int, default=max(2, os.cpu_count() or 1), help="logical CPUs of the head")
     u.add_argument("--workers", type=int, default=0, help="extra worker nodes on this host")
-    u.add_argument("--worker-cpus", type=int, default=1)
+    u.add_argument("--worker-cpus", type=int, default=1, help="logical CPUs of each worker node")
     u.add_argument("--free-ports", action="store_true", help="free ports instead of Ray's defaults (shared hosts)")
-    for name in ("port", "dashboard-port", "metrics-export-port"):
-        u.add_argument(f"--{name}", type=int, default=None)
+    for name, what in (
+        ("port", "GCS port"),
+        ("dashboard-port", "dashboard port"),
+        ("metrics-export-port", "metrics port"),
+    ):
+        u.add_argument(
+            f"--{name}",
+            type=int,
+            default=None,
+            help=f"the head's {what} (default: Ray's; a free one with --free-ports)",
+        )
     u.add_argument("--no-prometheus", action="store_true", help="do not start Prometheus")
     u.add_argument("--prometheus-port", type=int, default=None, help="default 9090 (a free one with --free-ports)")
-    d = sub.add_parser("down", help="stop what `up` started")
+    d = sub.add_parser("down", help="stop what `up` started", formatter_class=HelpFormatter)
     d.add_argument("--grace", type=float, default=30.0, help="seconds a node may take to drain before SIGKILL")
-    s = sub.add_parser("status", help="what runs; exit 1 when not up or unhealthy")
-    s.add_argument("--json", action="store_true")
+    s = sub.add_parser("status", help="what runs; exit 1 when not up or unhealthy", formatter_class=HelpFormatter)
+    s.add_argument("--json", action="store_true", help="print the state as JSON")
     args = parser.parse_args(argv)
     if args.cmd == "up":
         given = {"gcs": args.port, "dashboard": args.dashboard_port, "metrics": args.metrics_export_port}

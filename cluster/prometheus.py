@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mtrec.errors import ConfigError, MtrecError
+from mtrec.io import atomic_write_text
 from mtrec_cluster.ray_env import free_port
 
 SD_FILE = "prom_metrics_service_discovery.json"
@@ -50,7 +51,7 @@ def ray_metrics_targets() -> list[str]:
     return [f"{n['NodeManagerAddress']}:{n['MetricsExportPort']}" for n in ray.nodes() if n.get("Alive")]
 
 
-def write_config(
+def write_prometheus_config(
     path: str | Path,
     *,
     targets: list[str] | None = None,
@@ -60,9 +61,9 @@ def write_config(
 ) -> Path:
     """Write a Prometheus config scraping ``targets`` (``host:port``) and/or the nodes ``sd_file`` lists."""
     if not targets and sd_file is None:
-        raise ConfigError("write_config: give targets (host:port) or a Ray service-discovery file")
+        raise ConfigError("write_prometheus_config: give targets (host:port) or a Ray service-discovery file")
     if not scrape_interval_s > 0:
-        raise ConfigError(f"write_config: scrape_interval_s={scrape_interval_s!r} must be positive")
+        raise ConfigError(f"write_prometheus_config: scrape_interval_s={scrape_interval_s!r} must be positive")
     interval = f"{int(round(scrape_interval_s * 1000))}ms"
     scrape: dict = {"job_name": job, "scrape_interval": interval, "scrape_timeout": interval}
     if targets:
@@ -70,10 +71,7 @@ def write_config(
     if sd_file is not None:
         scrape["file_sd_configs"] = [{"files": [str(sd_file)], "refresh_interval": interval}]
     doc = {"global": {"scrape_interval": interval, "evaluation_interval": interval}, "scrape_configs": [scrape]}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=2))  # JSON is YAML
-    return path
+    return atomic_write_text(path, json.dumps(doc, indent=2))  # JSON is YAML
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Starting or joining Ray the same way from every entry point (train, tune, serve, demo, tests).
+"""Starting or joining Ray the same way from every entry point (train, tune, serve, demo, bench, tests):
+:func:`local_ray`, a context manager that stops only the Ray it started.
 
 Settings that matter on a shared host (see the project's Ray notes):
 - ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` keeps every listener of a local Ray on 127.0.0.1;
@@ -11,8 +12,10 @@ Token authentication stays as Ray sets it; only loopback tests turn it off (``RA
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+from collections.abc import Iterator
 
 DASHBOARD_PORT = 8265
 CLUSTER_FLAG = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -52,29 +55,42 @@ def apply_local_env() -> None:
         constants.ENABLE_RAY_CLUSTER = flag
 
 
-def ensure_ray(
+@contextlib.contextmanager
+def local_ray(
     address: str | None = None,
     num_cpus: int | None = None,
-    metrics_export_port: int | None = None,
+    export_metrics: bool = False,
     object_store_mb: int = 512,
-) -> bool:
-    """Connect to ``address`` or start an embedded local Ray on 127.0.0.1.
+) -> Iterator[None]:
+    """Ray for the body of a ``with`` block, started or joined the same way by every entry point.
 
-    Returns True when this call started a new local Ray (the caller then shuts it down).
-    ``address`` may also come from ``RAY_ADDRESS`` (as inside a Ray job).
+    Joins the Ray this process is already connected to, else ``address`` (or ``RAY_ADDRESS``, as inside
+    a Ray job), else starts an embedded local Ray on 127.0.0.1 with ``num_cpus`` logical CPUs (default:
+    at least 4) and, with ``export_metrics``, its Prometheus endpoint on a free port. On leaving the
+    block, also on an error or Ctrl-C, this process disconnects from a Ray this call connected to; one
+    it started stops with it, a cluster it joined keeps running.
     """
     apply_local_env()
     import ray
 
     if ray.is_initialized():
-        return False
+        yield
+        return
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return False
-    kwargs = {}
-    if metrics_export_port:
-        kwargs["_metrics_export_port"] = metrics_export_port
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            _start_local(num_cpus, export_metrics, object_store_mb)
+        yield
+    finally:  # also after a ray.init that Ctrl-C interrupted: it may have started processes already
+        ray.shutdown()
+
+
+def _start_local(num_cpus: int | None, export_metrics: bool, object_store_mb: int) -> None:
+    import ray
+
+    kwargs = {"_metrics_export_port": free_port()} if export_metrics else {}
     # Ray processes that look their cluster up by themselves (Train's placement-group cleaner uses the
     # State API) would find several on a shared host and fail: fix the GCS port and hand every process
     # of this cluster its address through the environment it inherits from the raylet.
@@ -101,4 +117,3 @@ def ensure_ray(
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    return True

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mtrec.cli_help import HelpFormatter
 from mtrec.errors import MtrecError
 from mtrec_cluster.local import read_state, token_headers
 
@@ -122,8 +123,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         description=__doc__.split("\n")[0],
         usage="mtrec submit {train,tune} [options] -- [arguments of mtrec_train.run / mtrec_tune.run]",
         epilog="example: mtrec submit train -- --data /data/ecommerce --out /shared/runs/r1 model.arch=mmoe",
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument("kind", choices=sorted(ENTRYPOINTS))
+    parser.add_argument("kind", choices=sorted(ENTRYPOINTS), help="the entrypoint the job runs")
     parser.add_argument(
         "--address",
         default=None,
@@ -135,7 +137,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument(
         "--env", action="append", default=[], metavar="KEY=VALUE", help="an environment variable of the job"
     )
-    parser.add_argument("--submission-id", default=None)
+    parser.add_argument("--submission-id", default=None, help="the job's id (default: one Ray makes up)")
     parser.add_argument("--no-wait", action="store_true", help="return after submitting; print the submission id")
     parser.add_argument("--state-dir", default=None, help="state dir of `mtrec cluster up` (for the default address)")
     split = argv.index("--") if "--" in argv else len(argv)

@@ -1,15 +1,18 @@
 """The trained-model bundle that serving loads: safetensors for tensors, JSON for everything else.
 
-``bundle.json``          format, version, the run's config, and the sha256 of every other file;
-                         with LoRA adapters also ``encoder_base``: the base model's name, revision
-                         and weights digest (:meth:`~mtrec.encoders.TextEncoder.base_digest`)
-``meta.json``            :class:`~mtrec.features.FeatureMeta`: tasks, vocabularies, feature statistics
+``bundle.json``          format, version, the run's config, ``fusion_scales`` (task -> the mean
+                         prediction over the validation examples, :func:`mtrec.engine.fusion_scales`:
+                         serving divides each task's predictions by it before fusion), and the sha256
+                         of every other file; with LoRA adapters also ``encoder_base``: the base
+                         model's name, revision and weights digest
+                         (:meth:`~mtrec.encoders.TextEncoder.base_digest`)
+``meta.json``            :class:`~mtrec.features.FeatureMeta`: tasks, vocabularies, feature statistics,
+                         the catalog (``item_ids``: the raw id of item index i + 1 is ``item_ids[i]``)
 ``model.safetensors``    the model's state dict; with ``encoder.finetune=top_layers`` it holds the whole
                          language model, with ``encoder.finetune=lora`` only its adapters: the base is
                          loaded by name again and must have the recorded digest
 ``vectors.safetensors``  ``item_vectors`` (num_items + 1, D), ``context_vectors`` (num_contexts + 1, D)
                          when the data has contexts; absent for an ID-only model
-``items.json``           ``item_ids``: the raw id of item index i + 1 is ``item_ids[i]``
 
 Nothing is ever unpickled. A missing, corrupt (checksum) or incompatible (version, shapes) file is a
 :class:`~mtrec.errors.BundleError` naming the file. Loading rebuilds the model from the config and
@@ -20,6 +23,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from mtrec.config import Config
+from mtrec.engine import text_inputs
 from mtrec.errors import BundleError, MtrecError
 from mtrec.features import FeatureMeta
 from mtrec.io import atomic_dir
@@ -39,12 +45,11 @@ if TYPE_CHECKING:
     from mtrec.encoders import TextEncoder
 
 BUNDLE_FORMAT = "mtrec-bundle"
-BUNDLE_VERSION = 1
+BUNDLE_VERSION = 2  # 2: fusion scales in the manifest; the catalog only in meta.json (1 had items.json)
 MANIFEST = "bundle.json"
 META = "meta.json"
 WEIGHTS = "model.safetensors"
 VECTORS = "vectors.safetensors"
-ITEMS = "items.json"
 
 
 @dataclass
@@ -57,7 +62,7 @@ class Bundle:
     model: MultiTaskModel
     item_vectors: Tensor | None  # (num_items + 1, D), row 0 zeros
     context_vectors: Tensor | None
-    item_ids: list[Any]
+    fusion_scales: dict[str, float]  # task -> its mean prediction over the validation examples
 
 
 def save_bundle(
@@ -65,15 +70,18 @@ def save_bundle(
     cfg: Config,
     meta: FeatureMeta,
     model: nn.Module,
-    item_vectors: Tensor | None,
-    item_ids: list[Any],
+    fusion_scales: Mapping[str, float],
+    item_vectors: Tensor | None = None,
     context_vectors: Tensor | None = None,
 ) -> Path:
     """Write a bundle directory atomically.
 
-    ``model`` may be DDP-wrapped. ``item_vectors`` (num_items + 1, D): the text vector of each item
-    (None: taken from the model, which in finetune mode encodes every item with its trained layers).
+    ``model`` may be DDP-wrapped. ``fusion_scales``: task -> a positive reference scale for every task
+    of ``meta`` (:func:`mtrec.engine.fusion_scales`). ``item_vectors`` (num_items + 1, D): the text
+    vector of each item (None: taken from the model, which in finetune mode encodes every item with
+    its trained layers).
     """
+    scales = _check_scales(fusion_scales, meta, "fusion_scales")
     m: MultiTaskModel = getattr(model, "module", model)
     state = persisted_state(m, cfg)
     base: dict[str, Any] | None = None
@@ -84,9 +92,9 @@ def save_bundle(
         item_vectors = item_vectors if item_vectors is not None else text.table(m.encoder)
         if context_vectors is None and m.context_text is not None:
             context_vectors = m.context_text.table(m.encoder)
-        if item_vectors.shape[0] != len(item_ids) + 1:
+        if item_vectors.shape[0] != meta.num_items + 1:
             raise BundleError(
-                f"item_vectors has {item_vectors.shape[0]} rows; expected {len(item_ids) + 1} (item_ids + row 0)"
+                f"item_vectors has {item_vectors.shape[0]} rows; expected {meta.num_items + 1} (the catalog + row 0)"
             )
     with atomic_dir(path) as tmp:
         save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, tmp / WEIGHTS)
@@ -96,9 +104,14 @@ def save_bundle(
                 vectors["context_vectors"] = context_vectors
             save_file({k: v.detach().float().cpu().contiguous() for k, v in vectors.items()}, tmp / VECTORS)
         (tmp / META).write_text(json.dumps(meta.to_json()))
-        (tmp / ITEMS).write_text(json.dumps({"item_ids": list(item_ids)}))
         files = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
-        manifest = {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "config": cfg.to_dict(), "files": files}
+        manifest = {
+            "format": BUNDLE_FORMAT,
+            "version": BUNDLE_VERSION,
+            "config": cfg.to_dict(),
+            "fusion_scales": scales,
+            "files": files,
+        }
         if base is not None:
             manifest["encoder_base"] = base
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -110,42 +123,22 @@ def load_bundle(path: str | Path, encoder: TextEncoder | None = None, device: st
     built from the bundle's config). With ``top_layers`` its weights come from the bundle; with
     ``lora`` its base weights must be the ones the adapters were trained on, else a BundleError."""
     root = Path(path)
-    manifest = _json(root / MANIFEST)
-    if manifest.get("format") != BUNDLE_FORMAT or manifest.get("version") != BUNDLE_VERSION:
-        raise BundleError(
-            f"{root / MANIFEST}: format {manifest.get('format')!r} version {manifest.get('version')!r}; "
-            f"this code reads {BUNDLE_FORMAT!r} version {BUNDLE_VERSION}"
-        )
+    manifest = _manifest(root)
     files = manifest.get("files")
-    if not isinstance(files, dict) or WEIGHTS not in files or META not in files or ITEMS not in files:
-        raise BundleError(f"{root / MANIFEST}: 'files' must list {WEIGHTS}, {META} and {ITEMS}")
+    if not isinstance(files, dict) or WEIGHTS not in files or META not in files:
+        raise BundleError(f"{root / MANIFEST}: 'files' must list {WEIGHTS} and {META}")
     for name, digest in files.items():
         f = root / name
         if not f.is_file():
             raise BundleError(f"{f}: file is missing")
         if _sha256(f) != digest:
             raise BundleError(f"{f}: checksum mismatch (the file is corrupt or was changed after saving)")
-    try:
-        cfg = Config.from_dict(manifest["config"])
-        meta = FeatureMeta.from_json(_json(root / META), str(root / META))
-    except (MtrecError, KeyError, TypeError) as e:
-        raise BundleError(f"{root / MANIFEST} / {root / META}: incompatible contents: {e}") from e
-    item_ids = _json(root / ITEMS).get("item_ids")
-    if item_ids != meta.item_ids:
-        raise BundleError(f"{root / ITEMS}: item_ids differ from the catalog in {root / META}")
+    cfg, meta, scales = _describe(root, manifest)
     vectors = _tensors(root / VECTORS) if VECTORS in files else {}
-    if cfg.encoder.mode == "finetune" and encoder is None:
-        from mtrec.encoders import TextEncoder
-
-        encoder = TextEncoder.from_config(cfg.encoder)
+    stored = vectors.get("item_vectors"), vectors.get("context_vectors")
+    item_vectors, context_vectors, encoder = text_inputs(cfg, meta, encoder, stored)
     try:
-        model = build_model(
-            cfg,
-            meta,
-            vectors.get("item_vectors") if cfg.encoder.mode == "frozen" else None,
-            encoder if cfg.encoder.mode == "finetune" else None,
-            vectors.get("context_vectors") if cfg.encoder.mode == "frozen" else None,
-        )
+        model = build_model(cfg, meta, item_vectors, encoder, context_vectors)
         if _lora(cfg):
             _check_base(root / MANIFEST, manifest.get("encoder_base"), model.encoder)
         load_persisted_state(model, _tensors(root / WEIGHTS), cfg)
@@ -154,7 +147,13 @@ def load_bundle(path: str | Path, encoder: TextEncoder | None = None, device: st
     except (MtrecError, RuntimeError, ValueError) as e:
         raise BundleError(f"{root / WEIGHTS}: does not fit the model the bundle's config describes: {e}") from e
     model.to(device).eval()
-    return Bundle(root, cfg, meta, model, vectors.get("item_vectors"), vectors.get("context_vectors"), item_ids)
+    return Bundle(root, cfg, meta, model, *stored, scales)
+
+
+def read_description(path: Path) -> tuple[Config, FeatureMeta, dict[str, float]]:
+    """A bundle's config, feature meta and fusion scales, from its manifest and meta alone (no weights,
+    no checksums: :func:`load_bundle` checks those). BundleError naming the file otherwise."""
+    return _describe(path, _manifest(path))
 
 
 def persisted_state(model: nn.Module, cfg: Config) -> dict[str, Tensor]:
@@ -205,6 +204,39 @@ def _load_adapters_and_heads(model: MultiTaskModel, state: dict[str, Tensor]) ->
             f"missing {not_base[:5]} ({len(not_base)} in all), unexpected {unexpected[:5]} ({len(unexpected)} in all), "
             f"base weights that a LoRA bundle must not hold {stray_base[:5]} ({len(stray_base)} in all)"
         )
+
+
+def _manifest(root: Path) -> dict[str, Any]:
+    """The manifest, of this code's format and version (an older bundle is refused: retrain to serve it)."""
+    manifest = _json(root / MANIFEST)
+    if manifest.get("format") != BUNDLE_FORMAT or manifest.get("version") != BUNDLE_VERSION:
+        raise BundleError(
+            f"{root / MANIFEST}: format {manifest.get('format')!r} version {manifest.get('version')!r}; "
+            f"this code reads {BUNDLE_FORMAT!r} version {BUNDLE_VERSION} (train again to write one)"
+        )
+    return manifest
+
+
+def _describe(root: Path, manifest: dict[str, Any]) -> tuple[Config, FeatureMeta, dict[str, float]]:
+    try:
+        cfg = Config.from_dict(manifest["config"])
+        meta = FeatureMeta.from_json(_json(root / META), str(root / META))
+    except (MtrecError, KeyError, TypeError) as e:
+        raise BundleError(f"{root / MANIFEST} / {root / META}: incompatible contents: {e}") from e
+    return cfg, meta, _check_scales(manifest.get("fusion_scales"), meta, f"{root / MANIFEST}: fusion_scales")
+
+
+def _check_scales(scales: Any, meta: FeatureMeta, where: str) -> dict[str, float]:
+    """``scales`` as task -> float; BundleError naming a task whose scale is missing or not a positive number."""
+    if not isinstance(scales, Mapping):
+        raise BundleError(f"{where}: expected task -> scale, found {type(scales).__name__}")
+    out = {}
+    for task in (t.name for t in meta.tasks):
+        value = scales.get(task)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise BundleError(f"{where}: task {task!r} has scale {value!r}; every task needs a positive number")
+        out[task] = float(value)
+    return out
 
 
 def _sha256(path: Path) -> str:

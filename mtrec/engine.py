@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from mtrec.config import Config, TaskSpec
 from mtrec.errors import ConfigError
 from mtrec.features import ExampleSet, FeatureMeta, collate, prepare_examples
+from mtrec.fusion import fit_scales
 from mtrec.metrics import task_metrics
 from mtrec.models import MultiTaskModel, build_model, task_losses
 from mtrec.weighting import StepContext, Weighting, build_weighting
@@ -143,6 +144,20 @@ def evaluate(
     return task_metrics(tasks, arrays["labels"], arrays["preds"], cold=arrays["cold"], groups=arrays["user"])
 
 
+def fusion_scales(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> dict[str, float]:
+    """Each task's reference scale for serving's score fusion (:func:`mtrec.fusion.fit_scales`): its mean
+    prediction over the batches (every row, labelled or not: a sample of what serving scores); 1.0 for
+    a task whose mean is not positive (a regression task centred on zero) or when there are no rows."""
+    preds = predict(model, batches)["preds"]  # (N, T)
+    scales = {}
+    for j, task in enumerate(unwrap(model).tasks):
+        try:
+            scales.update(fit_scales({task.name: preds[:, j]}))
+        except ValueError:
+            scales[task.name] = 1.0
+    return scales
+
+
 def objective_value(metrics: dict[str, dict[str, float]], objective: str) -> float:
     """Higher is better. ``mean_auc``: mean AUC of the binary tasks (minus the mean RMSE when no task
     is binary); ``<task>.<metric>``: one metric, negated for losses and errors."""
@@ -158,15 +173,23 @@ def objective_value(metrics: dict[str, dict[str, float]], objective: str) -> flo
 
 
 def text_inputs(
-    cfg: Config, meta: FeatureMeta, encoder: TextEncoder | None = None
+    cfg: Config,
+    meta: FeatureMeta,
+    encoder: TextEncoder | None = None,
+    vectors: tuple[Tensor | None, Tensor | None] | None = None,
 ) -> tuple[Tensor | None, Tensor | None, TextEncoder | None]:
     """What :func:`build_model` needs for ``cfg.encoder.mode``: ``(item_vectors, context_vectors, encoder)``.
+    Training, its Ray workers and bundle loading all set a model's text inputs up here.
 
-    ``frozen``: the cached vectors of every item text (and context), with a zero row 0, the encoder
-    not kept; ``finetune``: the encoder; ``none``: nothing.
+    ``frozen``: the vectors ``(num_items + 1, D)`` of every item text (and ``(num_contexts + 1, D)`` of
+    every context, or None), row 0 zeros, the encoder not kept: ``vectors`` when they were encoded
+    already (the object store, a bundle), else encoded now through the cache. ``finetune``: ``encoder``,
+    or the one ``cfg.encoder`` names. ``none``: nothing. ``vectors`` is read in frozen mode only.
     """
     if cfg.encoder.mode == "none":
         return None, None, None
+    if cfg.encoder.mode == "frozen" and vectors is not None:
+        return *vectors, None
     from mtrec.encoders import TextEncoder, encode_cached
 
     encoder = encoder or TextEncoder.from_config(cfg.encoder)
@@ -194,13 +217,14 @@ class FitResult:
     metrics: dict[str, dict[str, dict[str, float]]]  # split -> task -> metric
     history: list[dict] = field(default_factory=list)  # one entry per epoch
     samples_per_s: float = 0.0
+    fusion_scales: dict[str, float] = field(default_factory=dict)  # task -> :func:`fusion_scales` on valid
 
     def save_bundle(self, path: str | Path, cfg: Config) -> Path:
         """This model as a serving bundle at ``path`` (``cfg``: the config it was trained with)."""
         from mtrec.bundle import save_bundle
 
-        meta = self.meta
-        return save_bundle(path, cfg, meta, self.model, self.item_vectors, meta.item_ids, self.context_vectors)
+        meta, model = self.meta, self.model
+        return save_bundle(path, cfg, meta, model, self.fusion_scales, self.item_vectors, self.context_vectors)
 
 
 def fit(
@@ -282,4 +306,5 @@ def fit(
         model.load_state_dict(best_state)
     metrics = {s: evaluate(model, eval_batches(s), meta.tasks) for s in ("valid", "test")}
     speed = float(np.mean([h["samples_per_s"] for h in history])) if history else 0.0
-    return FitResult(model, meta, item_vectors, context_vectors, metrics, history, speed)
+    scales = fusion_scales(model, eval_batches("valid"))
+    return FitResult(model, meta, item_vectors, context_vectors, metrics, history, speed, scales)

@@ -6,6 +6,8 @@
   once the block completes (files and directories fsynced first); on error nothing changes.
 - :func:`claim_output`: an output directory the tool may (re)write: absent, empty, or one it wrote before
   (it holds :data:`OUTPUT_MARKER`). Anything else is the user's and is refused unless ``force``.
+  :func:`check_output` refuses the same without creating anything, for writers that publish through
+  :func:`atomic_dir`.
 """
 
 from __future__ import annotations
@@ -73,12 +75,15 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_dir(out: str | Path, overwrite: bool = True) -> Iterator[Path]:
+def atomic_dir(out: str | Path, overwrite: bool = True, keep_foreign: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory; publish it as ``out`` only when the block completes.
 
     The published directory carries :data:`OUTPUT_MARKER`. On any exception the temporary directory is
     removed and ``out`` is left as it was. An existing ``out`` is replaced by two renames (old aside, new
-    in), so ``out`` is absent only between them.
+    in), so ``out`` is absent only between them. With ``keep_foreign``, an ``out`` the tool did not write
+    (:func:`is_ours`; the caller was told ``--force``) is not replaced: the new entries are moved into it
+    one by one, replacing those of the same names and keeping the rest, and it gets no marker (it stays
+    the user's, so writing there again needs ``--force`` again).
     """
     out = Path(out)
     if out.exists() and not overwrite:
@@ -93,6 +98,16 @@ def atomic_dir(out: str | Path, overwrite: bool = True) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if keep_foreign and not is_ours(out):
+        (tmp / OUTPUT_MARKER).unlink()
+        for entry in tmp.iterdir():
+            target = out / entry.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            os.replace(entry, target)
+        fsync_dir(out)
+        tmp.rmdir()
+        return
     old = None
     if out.exists():
         old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
@@ -111,12 +126,9 @@ def is_ours(path: str | Path) -> bool:
     return path.is_dir() and ((path / OUTPUT_MARKER).exists() or not any(path.iterdir()))
 
 
-def claim_output(path: str | Path, force: bool = False, flag: str = "--out") -> Path:
-    """Check that the tool may write ``path`` (see :func:`is_ours`), then create it and mark it as ours.
-
-    Raises :class:`OutputError` naming the directory and a few of its entries when it holds something the
-    tool did not write and ``force`` is false.
-    """
+def check_output(path: str | Path, force: bool = False, flag: str = "--out") -> Path:
+    """Raise :class:`OutputError` unless the tool may write ``path`` (see :func:`is_ours`) or ``force``
+    is set; the message names the directory and a few of its entries. Creates nothing."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise OutputError(f"{flag} {path}: is a file, not a directory")
@@ -127,6 +139,12 @@ def claim_output(path: str | Path, force: bool = False, flag: str = "--out") -> 
             f"{flag} {path}: the directory holds files ray-mtrec did not write ({shown}); "
             "choose another directory, or pass --force to write there anyway"
         )
+    return path
+
+
+def claim_output(path: str | Path, force: bool = False, flag: str = "--out") -> Path:
+    """:func:`check_output`, then create ``path`` and mark it as ours."""
+    path = check_output(path, force, flag)
     path.mkdir(parents=True, exist_ok=True)
     (path / OUTPUT_MARKER).touch()
     return path

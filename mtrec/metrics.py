@@ -14,6 +14,17 @@ import numpy as np
 from mtrec.config import TaskSpec
 
 _HIGHER_IS_BETTER = ("auc", "cold_auc", "ndcg@10", "hr@10")
+# what :func:`task_metrics` may report per task kind (cold_* and @10 only when the data allows)
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "binary": ("auc", "logloss", "cold_auc", "ndcg@10", "hr@10"),
+    "regression": ("rmse", "mae", "cold_rmse"),
+}
+
+
+def objective_names(tasks: list[TaskSpec]) -> list[str]:
+    """Every metric an objective may name for ``tasks``: ``mean_auc`` (the mean AUC of the binary tasks)
+    and ``<task>.<metric>``."""
+    return ["mean_auc"] + [f"{t.name}.{m}" for t in tasks for m in TASK_METRICS[t.kind]]
 
 
 def _arrays(*arrays: np.ndarray, names: tuple[str, ...]) -> list[np.ndarray]:

@@ -29,7 +29,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mtrec.bundle import load_bundle
 from mtrec.errors import ConfigError
-from mtrec.serving import Catalog
 from mtrec_serve.config import AUTOSCALING
 
 logger = logging.getLogger("ray.serve")
@@ -81,9 +80,7 @@ def graph(args: AppArgs, options: dict[str, dict[str, Any]] | None = None) -> ra
         raise ConfigError(f"bundle: {args.bundle} is not a directory")
     # Every check the replicas will run (checksums, version, weight shapes), before Serve sees the app:
     # a bad bundle raises here, so a redeploy never replaces a serving app with one that cannot start.
-    bundle = load_bundle(args.bundle)
-    catalog = Catalog(bundle.cfg, bundle.meta)
-    del bundle
+    tasks = load_bundle(args.bundle).meta.tasks
     options = options or {}
     unknown = sorted(set(options) - {"Ingress", "Embedder", "TaskHeads", "WeightController"})
     if unknown:
@@ -92,13 +89,13 @@ def graph(args: AppArgs, options: dict[str, dict[str, Any]] | None = None) -> ra
         **({"autoscaling_config": AUTOSCALING[name]} if name in AUTOSCALING else {}),
         **options.get(name, {}),
     }
-    embedder = Embedder.options(**opts("Embedder")).bind(args.bundle, args.cache_size, args.max_text_chars)
+    embedder = Embedder.options(**opts("Embedder")).bind(args.bundle, args.cache_size)
     if args.heads_in_ingress and "TaskHeads" in options:
         raise ConfigError("options for TaskHeads, but heads_in_ingress runs the heads in the Ingress")
     heads = None if args.heads_in_ingress else TaskHeads.options(**opts("TaskHeads")).bind(args.bundle)
     controller = WeightController.options(**opts("WeightController")).bind(
-        tasks=catalog.tasks,
-        weights={t.name: t.fusion_weight for t in catalog.meta.tasks},
+        tasks=[t.name for t in tasks],
+        weights={t.name: t.fusion_weight for t in tasks},
         policy=args.policy,
         policy_params=args.policy_params,
         limits=args.limits,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from mtrec.errors import ConfigError
+from mtrec.errors import ConfigError, check_names
 
 IMPORT_PATH = "mtrec_serve.app:build_app"
 DEPLOYMENTS = ("Ingress", "Embedder", "TaskHeads", "WeightController")
@@ -52,11 +52,9 @@ def autoscaling_blocks(overrides: dict[str, dict[str, Any]] | None = None) -> di
         if not isinstance(block, dict):
             raise ConfigError(f"autoscaling.{name}: expected a mapping, got {block!r}")
         out[name].update(block)
-    valid = set(AutoscalingConfig.model_fields)
+    valid = sorted(AutoscalingConfig.model_fields)
     for name, block in out.items():
-        unknown = sorted(set(block) - valid)
-        if unknown:
-            raise ConfigError(f"autoscaling.{name}: unknown key(s) {unknown}; valid keys: {', '.join(sorted(valid))}")
+        check_names(f"autoscaling.{name}", block, valid, noun="key")
         try:
             AutoscalingConfig(**block)
         except (ValueError, TypeError) as e:
@@ -77,6 +75,7 @@ def serve_config(
     port: int = 8000,
     prometheus_url: str | None = None,
     policy: str = "static",
+    policy_params: dict[str, Any] | None = None,
     state_path: str | None = None,
     autoscaling: dict[str, dict] | None = None,
     runtime_env: dict | None = None,
@@ -86,13 +85,16 @@ def serve_config(
     """The Serve config document of the app serving ``bundle`` (see the module docstring).
 
     ``prometheus_url`` None: the controller scrapes Ray's metrics endpoint directly (one node; use
-    Prometheus on a cluster). ``autoscaling``: overrides of :data:`AUTOSCALING` per deployment.
+    Prometheus on a cluster). ``policy_params``: the policy's parameters (:func:`mtrec.fusion.build_policy`).
+    ``autoscaling``: overrides of :data:`AUTOSCALING` per deployment.
     ``auth_token_env``: the environment variable holding the bearer token of ``/v1/*`` (None: no auth).
     ``heads_in_ingress``: the heads run inside the Ingress (no TaskHeads deployment; see ``AppArgs``).
     """
     from ray.serve.schema import DeploymentSchema, ServeDeploySchema
 
     args: dict[str, Any] = {"bundle": bundle, "policy": policy}
+    if policy_params:
+        args["policy_params"] = dict(policy_params)
     if prometheus_url:
         args["prometheus_url"] = prometheus_url
     if state_path:
@@ -111,11 +113,9 @@ def serve_config(
         if not (heads_in_ingress and d == "TaskHeads")
     ]
     deployments.append({"name": "WeightController", "num_replicas": 1})
-    valid = set(DeploymentSchema.model_fields)
+    valid = sorted(DeploymentSchema.model_fields)
     for d in deployments:
-        unknown = sorted(set(d) - valid)
-        if unknown:
-            raise ConfigError(f"deployment {d['name']}: unknown key(s) {unknown}")
+        check_names(f"deployment {d['name']}", d, valid, noun="key")
     app: dict[str, Any] = {
         "name": name,
         "route_prefix": route_prefix,

@@ -34,7 +34,7 @@ from typing import Any, Protocol
 
 import ray.serve
 
-from mtrec.errors import ConfigError
+from mtrec.errors import ConfigError, check_names
 from mtrec.fusion import Decision, Limits, Observation, Policy, build_policy, restore_policy
 from mtrec.io import atomic_write_text
 from mtrec_serve import metrics as serve_metrics
@@ -225,10 +225,7 @@ class ControlLoop:
 
 
 def _limits(limits: dict[str, float] | None) -> Limits:
-    valid = [f.name for f in fields(Limits)]
-    unknown = sorted(set(limits or {}) - set(valid))
-    if unknown:
-        raise ConfigError(f"WeightController: unknown limit(s) {unknown}; valid limits: {', '.join(valid)}")
+    check_names("WeightController", limits or {}, [f.name for f in fields(Limits)], noun="limit")
     return Limits(**(limits or {}))
 
 

@@ -2,22 +2,21 @@
 
 Both batch with ``@ray.serve.batch``: concurrent requests of the Ingress are answered by one
 forward each. Catalog items never reach the Embedder: their text vectors are the bundle's table,
-inside the TaskHeads' model (:class:`mtrec.serving.Scorer`); the Embedder runs the language model
-only for texts the bundle does not hold (cold items, new contexts), behind an LRU cache.
+inside the TaskHeads' model (:class:`mtrec.inference.Scorer`); the Embedder runs the language model
+only for texts the bundle does not hold (cold items, new contexts), behind an LRU cache
+(:class:`mtrec.encoders.RecentVectors`).
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import numpy as np
 import ray.serve
 
 from mtrec.bundle import load_bundle
-from mtrec.serving import Catalog, Prepared, Scorer, TextVectorCache
-
-logger = logging.getLogger("ray.serve")
+from mtrec.encoders import RecentVectors, TextEncoder, encode_cached
+from mtrec.inference import Catalog, IndexedRequest, Scorer
 
 
 @ray.serve.deployment(max_ongoing_requests=32, ray_actor_options={"num_cpus": 1})
@@ -28,18 +27,16 @@ class Embedder:
     fine-tuned encoder weights; an ID-only bundle has none and is never called.
     """
 
-    def __init__(self, bundle: str, cache_size: int = 10_000, max_text_chars: int = 2000) -> None:
+    def __init__(self, bundle: str, cache_size: int = 10_000) -> None:
         catalog = Catalog.load(bundle)
         mode = catalog.cfg.encoder.mode
         self._encoder = None
         if mode == "finetune":
             self._encoder = load_bundle(bundle).model.encoder.eval()
         elif mode == "frozen":
-            from mtrec.encoders import TextEncoder
-
             self._encoder = TextEncoder.from_config(catalog.cfg.encoder)
         self._batch_size = catalog.cfg.encoder.batch_size
-        self._cache = TextVectorCache(cache_size, max_text_chars)
+        self._cache = RecentVectors(cache_size)
         self._calls = 0
         self._texts = 0
 
@@ -51,7 +48,7 @@ class Embedder:
         self._calls += len(requests)
         flat = [t for texts in requests for t in texts]
         self._texts += len(flat)
-        vectors = self._cache.get_or_encode(flat, lambda t: self._encoder.encode(t, self._batch_size).numpy())
+        vectors = encode_cached(self._encoder, flat, self._cache, self._batch_size)
         out, start = [], 0
         for texts in requests:
             out.append(vectors[start : start + len(texts)])
@@ -71,20 +68,14 @@ class Embedder:
 
 @ray.serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
 class TaskHeads:
-    """Prepared requests -> ``{task: (N,) float32}``: the multi-task network, one forward per batch."""
+    """Indexed requests -> ``{task: (N,) float32}``: the multi-task network, one forward per batch."""
 
     def __init__(self, bundle: str) -> None:
         self._scorer = Scorer(load_bundle(bundle))
-        self._scales = self._scorer.reference_scales()
-        logger.info("TaskHeads: %s, fusion scales %s", bundle, self._scales)
-
-    def scales(self) -> dict[str, float]:
-        """The fusion scale of each task (:meth:`mtrec.serving.Scorer.reference_scales`)."""
-        return self._scales
 
     # no wait for a batch to fill: requests that queue while a forward runs form the next batch, and a
     # lone request does not pay a timeout
     @ray.serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
-    async def predict(self, jobs: list[tuple[Prepared, np.ndarray | None]]) -> list[dict[str, np.ndarray]]:
-        """One call per request: its prepared inputs and the vectors of its texts."""
+    async def predict(self, jobs: list[tuple[IndexedRequest, np.ndarray | None]]) -> list[dict[str, np.ndarray]]:
+        """One call per request: its indexed inputs and the vectors of its texts."""
         return self._scorer.predict(jobs)

@@ -1,14 +1,15 @@
 """The HTTP front of the app: a FastAPI ``Ingress`` deployment (OpenAPI docs at ``/docs``).
 
-``POST /v1/recommend`` prepares the request (:class:`mtrec.serving.Catalog`), asks the ``Embedder``
-for the vectors of texts the bundle lacks (none for catalog items), the ``TaskHeads`` for per-task
-predictions, picks the request's weight arm (:func:`mtrec.serving.choose_arm`) and ranks by the fused
-score (:func:`mtrec.fusion.rank`). ``POST /v1/score`` scores every candidate in request order.
+``POST /v1/recommend`` maps the request to model indexes (:class:`mtrec.inference.Catalog`), asks the
+``Embedder`` for the vectors of texts the bundle lacks (none for catalog items), the ``TaskHeads`` for
+per-task predictions, picks the request's weight arm (:func:`mtrec.arms.choose_arm`) and ranks by the
+fused score (:func:`mtrec.fusion.rank`, each task divided by the fusion scale training stored in the
+bundle). ``POST /v1/score`` scores every candidate in request order.
 ``POST /v1/feedback`` counts events per task and arm, once per (request, item, task). The weights come
 from the ``WeightController``, refreshed in the background every :data:`DECISION_REFRESH_S`: the
 request path never waits for it, and a controller that is down leaves the last weights in force.
 
-Feedback ledger: each Ingress replica remembers what it served (:class:`mtrec.serving.FeedbackLedger`),
+Feedback ledger: each Ingress replica remembers what it served (:class:`mtrec.arms.FeedbackLedger`),
 so a request's feedback must reach the replica that served it. The Ingress is light (the model work
 is in the autoscaled Embedder and TaskHeads, or with ``heads_in_ingress`` the heads' forward runs here:
 one hop less per request, for small CPU models) and runs as one replica; holding the ledger in the
@@ -38,15 +39,14 @@ from fastapi import FastAPI, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from mtrec.arms import FeedbackLedger, choose_arm
 from mtrec.bundle import load_bundle
 from mtrec.errors import ConfigError, DataError
 from mtrec.fusion import MAIN, fuse, normalise_weights, rank
-from mtrec.serving import Candidate, Catalog, FeedbackLedger, RequestError, Scorer, ScoreRequest, choose_arm
+from mtrec.inference import Catalog, RequestError, Scorer, ScoreRequest
 from mtrec_serve.schemas import (
-    CandidateIn,
     FeedbackBody,
     FeedbackResponse,
-    Limits,
     RecommendBody,
     RecommendResponse,
     ScoreBody,
@@ -138,10 +138,6 @@ async def _internal(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": f"the service failed to answer ({type(exc).__name__}); retry later"}, 503)
 
 
-def _item_id(c: CandidateIn | int | str) -> int | str:
-    return c.item_id if isinstance(c, CandidateIn) else c
-
-
 async def _model_call(method: Any, *args: Any) -> Any:
     """``method.remote(*args)`` within :data:`CALL_TIMEOUT_S`, sent once more when the replica that
     took it died: Serve's router drops a dead replica but does not resend what it had in flight, and
@@ -166,14 +162,11 @@ class Ingress:
 
     def __init__(self, embedder: Any, heads: Any, controller: Any, args: dict[str, Any]) -> None:
         self._embedder, self._heads, self._controller = embedder, heads, controller
-        self._scales: dict[str, float] | None = None
-        self._scorer: Scorer | None = None  # the heads in this replica (heads_in_ingress); else TaskHeads
-        if heads is None:
-            self._scorer = Scorer(load_bundle(args["bundle"]))
-            self._scales = self._scorer.reference_scales()
+        # the heads in this replica (heads_in_ingress); else the TaskHeads deployment
+        self._scorer = Scorer(load_bundle(args["bundle"])) if heads is None else None
         self._catalog = self._scorer.catalog if self._scorer is not None else Catalog.load(args["bundle"])
         self._tasks = {t.name: t for t in self._catalog.meta.tasks}
-        self._limits = Limits(args["max_candidates"], args["max_text_chars"])
+        self._max_candidates, self._max_text_chars = args["max_candidates"], args["max_text_chars"]
         _set_body_limit(args["max_body_bytes"])
         self._token: str | None = None
         if args.get("auth_token_env"):
@@ -200,32 +193,25 @@ class Ingress:
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._token.encode()):
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
-    async def _predict(self, body: ScoreBody) -> tuple[dict[str, np.ndarray], float]:
-        """Per-task predictions ``{task: (N,)}`` for the body's candidates, and when the work began."""
+    async def _predict(self, request: ScoreRequest) -> tuple[dict[str, np.ndarray], float]:
+        """Per-task predictions ``{task: (N,)}`` for the request's candidates, and when the work began."""
         start = time.perf_counter()
-        problem = check_limits(body, self._limits)
+        problem = check_limits(request, self._max_candidates, self._max_text_chars)
         if problem:
             raise HTTPException(422, problem)
-        candidates = [
-            Candidate(c.item_id, c.text, c.features) if isinstance(c, CandidateIn) else Candidate(c)
-            for c in body.candidates
-        ]
-        request = ScoreRequest(body.user_id, candidates, body.history, body.context, body.user_features)
-        prepared = self._catalog.prepare(request)
+        indexed = self._catalog.prepare(request)
         m, t = _metrics(), time.perf_counter()
         m.observe_latency("ingress", 1000 * (t - start))
         try:
             vectors = None
-            if prepared.texts:
-                vectors = await _model_call(self._embedder.embed, prepared.texts)
+            if indexed.texts:
+                vectors = await _model_call(self._embedder.embed, indexed.texts)
                 m.observe_latency("embed", 1000 * (time.perf_counter() - t))
             t = time.perf_counter()
             if self._scorer is not None:
-                preds = self._scorer.predict([(prepared, vectors)])[0]
+                preds = self._scorer.predict([(indexed, vectors)])[0]
             else:
-                preds = await _model_call(self._heads.predict, (prepared, vectors))
-                if self._scales is None:
-                    self._scales = await _model_call(self._heads.scales)
+                preds = await _model_call(self._heads.predict, (indexed, vectors))
         except (asyncio.TimeoutError, ray.exceptions.RayError) as e:
             raise HTTPException(503, f"the model is unavailable ({type(e).__name__}); retry later") from e
         m.observe_latency("heads", 1000 * (time.perf_counter() - t))
@@ -240,11 +226,12 @@ class Ingress:
     async def recommend(self, body: RecommendBody, authorization: str | None = Header(None)) -> RecommendResponse:
         """The ``k`` best candidates by fused score, with every task's prediction."""
         self._authorize(authorization)
-        preds, start = await self._predict(body)
+        request = body.request()
+        preds, start = await self._predict(request)
         t = time.perf_counter()
         request_id, arm, weights = self._arm()
-        best, scores = rank(preds, weights, body.k, self._scales)
-        ids = [_item_id(body.candidates[i]) for i in best]
+        best, scores = rank(preds, weights, body.k, self._catalog.fusion_scales)
+        ids = [request.candidates[i].item_id for i in best]
         items = [
             ScoredItem(item_id=ids[n], score=float(scores[n]), predictions={k: float(v[i]) for k, v in preds.items()})
             for n, i in enumerate(best)
@@ -266,14 +253,15 @@ class Ingress:
     async def score(self, body: ScoreBody, authorization: str | None = Header(None)) -> RecommendResponse:
         """Every candidate in request order, with its predictions and fused score (no impression counted)."""
         self._authorize(authorization)
-        preds, _ = await self._predict(body)
+        request = body.request()
+        preds, _ = await self._predict(request)
         request_id, arm, weights = self._arm()
-        scores = fuse(preds, weights, self._scales)
+        scores = fuse(preds, weights, self._catalog.fusion_scales)
         items = [
             ScoredItem(
-                item_id=_item_id(c), score=float(scores[i]), predictions={k: float(v[i]) for k, v in preds.items()}
+                item_id=c.item_id, score=float(scores[i]), predictions={k: float(v[i]) for k, v in preds.items()}
             )
-            for i, c in enumerate(body.candidates)
+            for i, c in enumerate(request.candidates)
         ]
         return RecommendResponse(
             request_id=request_id, arm=arm, weights_version=int(self._decision["version"]), items=items

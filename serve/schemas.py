@@ -1,19 +1,22 @@
 """Request and response bodies of the HTTP API, with the limits every client input is checked against.
 
-Static limits (an id's length, ``k``, finite numbers, no unknown fields) live in the models; the limits
-an operator configures (candidates per request, characters per text) are checked by
-:func:`check_limits` against the app's :class:`Limits`. A violation is a 422 with a message naming
-the field; a body over the byte limit is a 413 (see :mod:`mtrec_serve.app`).
+The request a body asks for is the core :class:`mtrec.inference.ScoreRequest`: :meth:`ScoreBody.request`
+converts one into the other by field name, so the two never drift apart (a field the core request has
+and the body lacks fails every request, and the unit tests). Static limits (an id's length, ``k``,
+finite numbers, no unknown fields) live in the models; the limits an operator configures (candidates
+per request, characters per text: ``AppArgs``) are checked by :func:`check_limits`. A violation is a
+422 with a message naming the field; a body over the byte limit is a 413 (see :mod:`mtrec_serve.ingress`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Annotated, Any
+from dataclasses import fields
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from mtrec.encoders.text import clean_text
+from mtrec.inference import Candidate, ScoreRequest
 
 MAX_ID_CHARS = 256
 MAX_K = 1000
@@ -49,6 +52,12 @@ class ScoreBody(_Body):
     context: str | None = Field(default=None, min_length=1)
     user_features: dict[FeatureName, str | int | float | None] = Field(default_factory=dict, max_length=MAX_FEATURES)
 
+    def request(self) -> ScoreRequest:
+        """The core request: this body's fields of the same names (a bare candidate id is a catalog item)."""
+        body = self.model_dump(include={f.name for f in fields(ScoreRequest)})
+        body["candidates"] = [Candidate(**c) if isinstance(c, dict) else Candidate(c) for c in body["candidates"]]
+        return ScoreRequest(**body)
+
 
 class RecommendBody(ScoreBody):
     """:class:`ScoreBody` and ``k``, the number of items to return."""
@@ -83,30 +92,22 @@ class FeedbackResponse(BaseModel):
     duplicates: list[str]  # tasks already counted for this request and item (ignored)
 
 
-@dataclass(frozen=True)
-class Limits:
-    """What an operator configures (``AppArgs``): candidates per request, characters per text."""
-
-    max_candidates: int
-    max_text_chars: int
-
-
-def check_limits(body: ScoreBody, limits: Limits) -> str | None:
-    """The first configured limit ``body`` breaks, as a message naming the field; None when within."""
-    if len(body.candidates) > limits.max_candidates:
-        return f"candidates: {len(body.candidates)} candidates; at most {limits.max_candidates} per request"
-    texts: list[tuple[str, Any]] = [("context", body.context)]
-    texts += [(f"candidates[{i}].text", c.text) for i, c in enumerate(body.candidates) if isinstance(c, CandidateIn)]
+def check_limits(request: ScoreRequest, max_candidates: int, max_text_chars: int) -> str | None:
+    """The first configured limit ``request`` breaks, as a message naming the field; None when within."""
+    if len(request.candidates) > max_candidates:
+        return f"candidates: {len(request.candidates)} candidates; at most {max_candidates} per request"
+    texts = [("context", request.context)]
+    texts += [(f"candidates[{i}].text", c.text) for i, c in enumerate(request.candidates)]
     for where, text in texts:
-        if text is not None and len(text) > limits.max_text_chars:
-            return f"{where}: {len(text)} characters; at most {limits.max_text_chars}"
+        if text is not None and len(text) > max_text_chars:
+            return f"{where}: {len(text)} characters; at most {max_text_chars}"
         # A text that cleans to nothing would fail in the Embedder, and with it every request batched
         # with this one: refuse it here, as the client's error.
-        if text is not None and not clean_text(text, limits.max_text_chars):
+        if text is not None and not clean_text(text, max_text_chars):
             return f"{where}: {text[:40]!r} holds no words (only spaces or control characters)"
     seen: set[str] = set()
-    for i, c in enumerate(body.candidates):
-        key = str(c.item_id if isinstance(c, CandidateIn) else c)
+    for i, c in enumerate(request.candidates):
+        key = str(c.item_id)
         if key in seen:
             return f"candidates[{i}]: item {key!r} appears more than once"
         seen.add(key)

@@ -24,8 +24,8 @@ import torch.distributed as dist
 
 from mtrec.config import Config
 from mtrec.engine import evaluate, make_optimizer, make_scheduler, objective_value, text_inputs, train_step
-from mtrec.features import ExampleSet, collate
-from mtrec.models import build_model
+from mtrec.features import ExampleSet, FeatureMeta, collate
+from mtrec.models import MultiTaskModel, build_model
 from mtrec.weighting import StepContext, build_weighting
 from mtrec_train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 
@@ -46,10 +46,21 @@ def _gather(x: np.ndarray) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def fetch_vectors(ref: Any) -> torch.Tensor | None:
+def _fetch_vectors(ref: Any) -> torch.Tensor | None:
     """A vector table from the object store (a writable copy), or None when there is none."""
     value = None if ref is None else ray.get(ref)
     return None if value is None else torch.from_numpy(np.array(value, dtype=np.float32))
+
+
+def build_run_model(
+    cfg: Config, meta: FeatureMeta, item_vectors_ref: Any, context_vectors_ref: Any
+) -> tuple[MultiTaskModel, torch.Tensor | None, torch.Tensor | None]:
+    """The run's model (on the CPU) with its text inputs set up by :func:`~mtrec.engine.text_inputs`;
+    frozen mode's vectors come from the object store (``*_ref``: ObjectRefs the driver encoded once per
+    run, or None). Returns ``(model, item_vectors, context_vectors)``: the bundle stores the vectors."""
+    stored = _fetch_vectors(item_vectors_ref), _fetch_vectors(context_vectors_ref)
+    item_vectors, context_vectors, encoder = text_inputs(cfg, meta, vectors=stored)
+    return build_model(cfg, meta, item_vectors, encoder, context_vectors), item_vectors, context_vectors
 
 
 def _check_in_sync(model: torch.nn.Module, weighting: torch.nn.Module) -> None:
@@ -77,13 +88,9 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(cfg.train.seed)  # identical initial parameters on every rank
 
     meta = ExampleSet.load(config["examples_dir"]).meta
-    item_vectors = context_vectors = encoder = None
-    if cfg.encoder.mode == "frozen":  # Ray: the vectors encoded once for the run, from the object store
-        item_vectors = fetch_vectors(config["item_vectors"])
-        context_vectors = fetch_vectors(config["context_vectors"])
-    elif cfg.encoder.mode == "finetune":
-        _, _, encoder = text_inputs(cfg, meta)
-    model = build_model(cfg, meta, item_vectors, encoder, context_vectors).to(device)
+    # Ray: frozen mode's vectors, encoded once for the run, come from the object store
+    model, _, _ = build_run_model(cfg, meta, config["item_vectors"], config["context_vectors"])
+    model.to(device)
     weighting = build_weighting(
         cfg.train.weighting, tasks, reduce=_allreduce_mean if distributed else None, **cfg.train.weighting_params
     )
@@ -98,7 +105,7 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
             state = load_checkpoint(Path(d), cfg, model, weighting, optimizer)
         state.restarts += 1
         if rank == 0:
-            print(f"[train] resumed at epoch {state.epoch} step {state.step}", file=sys.stderr, flush=True)
+            print(f"[train] resumed in epoch {state.epoch + 1} at step {state.step}", file=sys.stderr, flush=True)
 
     # Ray: move to this worker's device and wrap in DistributedDataParallel (gloo on CPU, NCCL on GPU);
     # buffers (the item-vector and token tables) are identical on every rank: never re-broadcast them
@@ -206,6 +213,6 @@ def _progress(
     losses = " ".join(f"{t.name}={v:.4f}" for t, v in zip(tasks, out["losses"]))
     eta = max(0, total - state.step) * samples_per_step / max(rate, 1e-9)
     print(
-        f"[train] step {state.step}/{total} epoch {state.epoch} {rate:,.0f} samples/s loss {losses} eta {eta:,.0f}s",
+        f"[train] step {state.step}/{total} epoch {state.epoch + 1} {rate:,.0f} samples/s loss {losses} eta {eta:,.0f}s",
         flush=True,
     )

@@ -12,14 +12,22 @@ import argparse
 import json
 import sys
 
+from mtrec.cli_help import HelpFormatter
 from mtrec.config import Config, load_preset, preset_names
-from mtrec_cluster.ray_env import ensure_ray
+from mtrec.io import claim_output
+from mtrec.preflight import check_training
+from mtrec_cluster.ray_env import local_ray
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="mtrec train", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="mtrec train", description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--data", required=True, help="dataset directory (the data contract)")
     p.add_argument("--out", required=True, help="run directory: bundle/, metrics.json, curves.png")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write into --out even if it holds files mtrec did not write (files of the same names are replaced)",
+    )
     p.add_argument("--preset", default=None, help=f"a preset name ({', '.join(preset_names())}) or a YAML path")
     p.add_argument("--address", default=None, help="Ray address to join (default: an embedded local Ray)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded local Ray")
@@ -34,17 +42,13 @@ def build_config(args: argparse.Namespace) -> Config:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cfg = build_config(args)  # config errors before Ray starts
-    started = ensure_ray(args.address, num_cpus=args.num_cpus)
-    try:
+    cfg = build_config(args)
+    check_training(cfg, args.data)  # a bad name or dataset fails here, before Ray starts
+    claim_output(args.out, args.force)
+    with local_ray(args.address, num_cpus=args.num_cpus):
         from mtrec_train.trainer import run_training
 
         metrics = run_training(cfg, args.data, args.out)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     summary = {split: metrics[split] for split in ("valid", "test")}
     print(json.dumps(summary, indent=2))
     print(f"[train] {metrics['train']['samples_per_s']:,.0f} samples/s; bundle in {args.out}/bundle", file=sys.stderr)

@@ -29,17 +29,17 @@ from ray.train.torch import TorchTrainer
 from mtrec.bundle import save_bundle
 from mtrec.config import Config, save_config
 from mtrec.data.contract import read_tasks
-from mtrec.engine import batches, evaluate, text_inputs
+from mtrec.engine import batches, evaluate, fusion_scales, text_inputs
 from mtrec.features import ExampleSet, collate, prepare_examples
 from mtrec.io import atomic_write_text
-from mtrec.models import build_model
 from mtrec_train.checkpoint import STATE, load_model_weights
-from mtrec_train.loop import OBJECTIVE_KEY, fetch_vectors, train_func
+from mtrec_train.curves import plot_run
+from mtrec_train.loop import OBJECTIVE_KEY, build_run_model, train_func
 
 
 @dataclass
-class Prepared:
-    """What every worker needs, made once on the driver."""
+class TrainingInputs:
+    """What every worker needs, made once on the driver by :func:`prepare`."""
 
     cfg: Config
     examples: ExampleSet
@@ -64,17 +64,16 @@ def resolve_config(cfg: Config, data_dir: str | Path) -> Config:
     return cfg
 
 
-def prepare(cfg: Config, data_dir: str | Path, work_dir: str | Path) -> Prepared:
+def prepare(cfg: Config, data_dir: str | Path, work_dir: str | Path) -> TrainingInputs:
     cfg = resolve_config(cfg, data_dir)
     examples = prepare_examples(data_dir, cfg, Path(work_dir).resolve() / "examples")
-    prepared = Prepared(cfg, examples)
+    inputs = TrainingInputs(cfg, examples)
     if cfg.encoder.mode == "frozen":
-        prepared.item_vectors, prepared.context_vectors = _encode_once.remote(cfg.to_dict(), str(examples.root))
-    if cfg.encoder.mode != "finetune":  # fail here, once, not in every worker on every retry
-        build_model(
-            cfg, examples.meta, fetch_vectors(prepared.item_vectors), None, fetch_vectors(prepared.context_vectors)
-        )
-    return prepared
+        inputs.item_vectors, inputs.context_vectors = _encode_once.remote(cfg.to_dict(), str(examples.root))
+    # fail here, once, not in every worker on every retry; a finetune model would load the language model
+    if cfg.encoder.mode != "finetune":
+        build_run_model(cfg, examples.meta, inputs.item_vectors, inputs.context_vectors)
+    return inputs
 
 
 def run_name(cfg: Config) -> str:
@@ -94,21 +93,21 @@ def _dataset(path: Path) -> ray.data.Dataset:
 
 
 def build_trainer(
-    prepared: Prepared,
+    inputs: TrainingInputs,
     storage_path: str | Path,
     name: str | None = None,
     callbacks: list | None = None,
 ) -> TorchTrainer:
-    cfg = prepared.cfg
+    cfg = inputs.cfg
     resources = {"CPU": 1, **({"GPU": 1} if cfg.train.use_gpu else {})}
-    datasets = {s: _dataset(prepared.examples.path(s)) for s in ("train", "valid")}
+    datasets = {s: _dataset(inputs.examples.path(s)) for s in ("train", "valid")}
     return TorchTrainer(
         train_func,
         train_loop_config={
             "cfg": cfg.to_dict(),
-            "examples_dir": str(prepared.examples.root),
-            "item_vectors": prepared.item_vectors,
-            "context_vectors": prepared.context_vectors,
+            "examples_dir": str(inputs.examples.root),
+            "item_vectors": inputs.item_vectors,
+            "context_vectors": inputs.context_vectors,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
@@ -139,16 +138,13 @@ def best_checkpoint(result: Any) -> Any:
     return result.checkpoint
 
 
-def finalize(prepared: Prepared, checkpoint: Any, out: str | Path, wall_s: float) -> dict[str, Any]:
-    """Bundle, metrics.json and curves.png from one checkpoint; returns the metrics."""
-    cfg, examples, out = prepared.cfg, prepared.examples, Path(out)
-    item_vectors = context_vectors = encoder = None
-    if cfg.encoder.mode == "frozen":
-        item_vectors = fetch_vectors(prepared.item_vectors)
-        context_vectors = fetch_vectors(prepared.context_vectors)
-    elif cfg.encoder.mode == "finetune":
-        _, _, encoder = text_inputs(cfg, examples.meta)
-    model = build_model(cfg, examples.meta, item_vectors, encoder, context_vectors)
+def finalize(inputs: TrainingInputs, checkpoint: Any, out: str | Path, wall_s: float) -> dict[str, Any]:
+    """Bundle, metrics.json and plots (:func:`mtrec_train.curves.plot_run`) from one checkpoint; returns
+    the metrics."""
+    cfg, examples, out = inputs.cfg, inputs.examples, Path(out)
+    model, item_vectors, context_vectors = build_run_model(
+        cfg, examples.meta, inputs.item_vectors, inputs.context_vectors
+    )
     with checkpoint.as_directory() as d:
         load_model_weights(Path(d), cfg, model)
         history = json.loads((Path(d) / STATE).read_text())["history"]
@@ -172,24 +168,25 @@ def finalize(prepared: Prepared, checkpoint: Any, out: str | Path, wall_s: float
     metrics["history"] = history
 
     out.mkdir(parents=True, exist_ok=True)
-    save_bundle(out / "bundle", cfg, examples.meta, model, item_vectors, examples.meta.item_ids, context_vectors)
+    scales = fusion_scales(model, (collate(b) for b in batches(examples.arrays("valid"), 4096)))
+    save_bundle(out / "bundle", cfg, examples.meta, model, scales, item_vectors, context_vectors)
     save_config(cfg, out / "config.yaml")
-    from mtrec_train.curves import plot_curves
-
-    plot_curves(history, cfg.tasks, out / "curves.png")
+    plot_run(cfg, history, metrics["test"], out)
     atomic_write_text(
         out / "metrics.json", json.dumps(metrics, indent=2, default=float)
     )  # last: marks the run complete
     return metrics
 
 
-def run_training(cfg: Config, data_dir: str | Path, out: str | Path) -> dict[str, Any]:
-    """prepare → fit → finalize, on the Ray this process is connected to."""
+def run_training(
+    cfg: Config, data_dir: str | Path, out: str | Path, callbacks: list[ray.train.UserCallback] | None = None
+) -> dict[str, Any]:
+    """prepare → fit → finalize, on the Ray this process is connected to (``callbacks``: Ray Train's)."""
     out = Path(out).resolve()  # workers run in other directories (and on other nodes)
     (out / "metrics.json").unlink(missing_ok=True)
     start = time.perf_counter()
-    prepared = prepare(cfg, data_dir, out)
-    result = build_trainer(prepared, out / "ray").fit()
+    inputs = prepare(cfg, data_dir, out)
+    result = build_trainer(inputs, out / "ray", callbacks=callbacks).fit()
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}") from result.error
-    return finalize(prepared, best_checkpoint(result), out, time.perf_counter() - start)
+    return finalize(inputs, best_checkpoint(result), out, time.perf_counter() - start)

@@ -23,8 +23,10 @@ import math
 import re
 from dataclasses import dataclass
 
+from mtrec.config import TaskSpec
 from mtrec.engine import objective_value
 from mtrec.errors import ConfigError
+from mtrec.preflight import check_objective
 
 INFEASIBLE = -1e6
 _TERM = re.compile(r"^\s*(?:(?P<w>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*\*\s*)?(?P<m>[\w@.]+)\s*$")
@@ -92,13 +94,12 @@ class Objective:
         score = value if feasible else INFEASIBLE - min(violation, 1e6)
         return {"score": score, "feasible": feasible, "violation": violation, "value": value}
 
-    def check(self, tasks: list[str]) -> None:
-        """ConfigError when a term or guardrail names a task the data does not have."""
-        named = [m for _, m in self.terms if m != "mean_auc"] + [g.metric for g in self.guardrails]
-        for m in named:
-            task = m.partition(".")[0]
-            if task not in tasks:
-                raise ConfigError(f"objective {self.text!r}: unknown task {task!r}; tasks are {', '.join(tasks)}")
+    def check(self, tasks: list[TaskSpec]) -> None:
+        """ConfigError when a term or guardrail names a metric that evaluation does not report for ``tasks``."""
+        for _, m in self.terms:
+            check_objective(m, tasks, f"objective {self.text!r}: term")
+        for g in self.guardrails:
+            check_objective(g.metric, tasks, f"objective {self.text!r}: guardrail")
 
 
 def _raw(metrics: dict[str, dict[str, float]], metric: str) -> float:

@@ -33,35 +33,78 @@ def non_dominated(points: np.ndarray) -> np.ndarray:
     return front
 
 
-def plot_front(points: np.ndarray, front: np.ndarray, names: list[str], labels: list[str], path: str | Path) -> None:
+def trial_label(trial_id: str, weighting: str | None = None) -> str:
+    """A trial's short name in plots and the console: ``"#2 dwa"`` for Tune's trial ``"ab12c_00001"``
+    (its creation order, 1-based), the id itself when it does not end in that counter."""
+    head, _, counter = trial_id.rpartition("_")
+    name = f"#{int(counter) + 1}" if head and counter.isdigit() else trial_id
+    return f"{name} {weighting}" if weighting else name
+
+
+def plot_front(
+    points: np.ndarray,
+    front: np.ndarray,
+    names: list[str],
+    labels: list[str],
+    path: str | Path,
+    baseline: int | None = None,
+    stopped: np.ndarray | None = None,
+) -> None:
     """``pareto.png``: two columns as a scatter with the front joined; more as a grid of pairwise
-    scatters (front membership is over all columns, so a front trial may look dominated in one pair)."""
+    scatters (front membership is over all columns, so a front trial may look dominated in one pair).
+
+    ``points (N, K)`` higher is better, ``front (N,) bool``, ``labels``: one name per trial, written beside
+    its point; ``baseline``: the row of the equal-weights trial (ringed); ``stopped (N,) bool``: trials that
+    ended before their last epoch (ASHA or early stopping), drawn hollow: their metrics are of fewer
+    epochs, so being behind says little about their settings.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     p, front = np.asarray(points, dtype=np.float64), np.asarray(front, dtype=bool)
+    stopped = np.zeros(len(p), dtype=bool) if stopped is None else np.asarray(stopped, dtype=bool)
     k = p.shape[1]
     pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
     cols = min(3, len(pairs))
     rows = -(-len(pairs) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 4.5 * rows), squeeze=False)
+    kinds = (
+        (front & ~stopped, {"c": "tab:red"}, "Pareto front"),
+        (~front & ~stopped, {"c": "tab:gray", "alpha": 0.7}, "dominated"),
+        (
+            stopped,
+            {"facecolors": "none", "edgecolors": "tab:orange", "linewidths": 1.5},
+            "stopped early (fewer epochs)",
+        ),
+    )
     for ax, (i, j) in zip(axes.flat, pairs):
-        ax.scatter(p[~front, i], p[~front, j], c="tab:gray", alpha=0.6, label="dominated")
-        ax.scatter(p[front, i], p[front, j], c="tab:red", label="Pareto front")
+        for rows_of, style, label in kinds:
+            if rows_of.any():
+                ax.scatter(p[rows_of, i], p[rows_of, j], s=40, label=label, **style)
+        if baseline is not None:
+            ax.scatter(
+                p[baseline, i], p[baseline, j], s=220, facecolors="none", edgecolors="black", label="equal weights"
+            )
         if k == 2:
             order = np.argsort(p[front, i])
             ax.plot(p[front, i][order], p[front, j][order], c="tab:red", alpha=0.5)
-            for x, y, text in zip(p[front, i], p[front, j], np.asarray(labels)[front]):
-                ax.annotate(text, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        for x, y, text in zip(p[:, i], p[:, j], labels):
+            ax.annotate(text, (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
         ax.set_xlabel(names[i])
         ax.set_ylabel(names[j])
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
+        ax.margins(0.15)  # room for the names beside the outermost points
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(pairs) :]:
         ax.axis("off")
-    fig.suptitle(f"{int(front.sum())} of {len(p)} trials on the Pareto front (higher is better)")
-    fig.tight_layout()
+    handles, names_ = axes.flat[0].get_legend_handles_labels()
+    ncol = min(len(handles), 2 * cols)
+    fig.legend(handles, names_, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    fig.suptitle(f"{int(front.sum())} of {len(p)} trials on the Pareto front\n(validation metrics, higher is better)")
+    legend_rows = -(-len(handles) // ncol)
+    fig.tight_layout(rect=(0, 0.05 * legend_rows / rows, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)

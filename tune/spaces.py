@@ -30,8 +30,8 @@ from typing import Any
 import ray.tune
 
 from mtrec.config import Config
-from mtrec.errors import ConfigError
-from mtrec.weighting import WEIGHTINGS, build_weighting
+from mtrec.errors import ConfigError, check_names
+from mtrec.weighting import build_weighting
 
 # strategy -> its searched hyperparameters (the rest keep their defaults)
 STRATEGY_SPACES: dict[str, dict[str, Any]] = {
@@ -112,9 +112,7 @@ def normalised_weights(task_weights: dict[str, float], tasks: list[str]) -> dict
 def trial_config(base: Config, sample: dict[str, Any]) -> Config:
     """``base`` (with its tasks resolved) with one point of the space applied; ConfigError on an unknown
     key, an unknown strategy or a hyperparameter the strategy does not take."""
-    unknown = sorted(set(sample) - set(SAMPLE_KEYS))
-    if unknown:
-        raise ConfigError(f"unknown search key {unknown[0]!r}; valid keys: {', '.join(SAMPLE_KEYS)}")
+    check_names("search point", sample, SAMPLE_KEYS, noun="key")
     if not base.tasks:
         raise ConfigError("trial_config: the base config has no tasks (resolve it against the data first)")
     d = base.to_dict()
@@ -130,7 +128,5 @@ def trial_config(base: Config, sample: dict[str, Any]) -> Config:
         if key in sample:
             d[section][field] = sample[key]
     cfg = Config.from_dict(d)
-    if cfg.train.weighting not in WEIGHTINGS:
-        raise ConfigError(f"unknown weighting {cfg.train.weighting!r}; valid weightings: {', '.join(WEIGHTINGS)}")
     build_weighting(cfg.train.weighting, cfg.tasks, **cfg.train.weighting_params)  # fails here, not in a worker
     return cfg

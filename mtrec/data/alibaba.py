@@ -50,7 +50,7 @@ AE_TASKS = [
 ]
 
 
-def convert_ali_ccp(src: Path, out: Path, seed: int = 0) -> Path:
+def convert_ali_ccp(src: Path, out: Path, seed: int = 0, force: bool = False) -> Path:
     """Ali-CCP CSVs (``ali_ccp_{train,val,test}[_sample].csv``) -> dataset at ``out``. Field 101 is
     the user, 205 the item, 301 the position (context). The categorical cross fields 508/509/702/853
     are left out; their numeric values (``D508``...) are kept. Deterministic; ``seed`` is unused."""
@@ -65,10 +65,11 @@ def convert_ali_ccp(src: Path, out: Path, seed: int = 0) -> Path:
     inter = t.select(["101", "205", "click", "purchase", *CCP_DENSE, "split"]).rename_columns(
         ["user_id", "item_id", "click", "purchase", *CCP_DENSE, "split"]
     )
-    return _write(out, inter.append_column("context", context), items.append_column("text", text), users, CCP_TASKS)
+    inter = inter.append_column("context", context)
+    return _write(out, inter, items.append_column("text", text), users, CCP_TASKS, force)
 
 
-def convert_aliexpress(src: Path, out: Path, seed: int = 0) -> Path:
+def convert_aliexpress(src: Path, out: Path, seed: int = 0, force: bool = False) -> Path:
     """AliExpress CSVs (``aliexpress_{train,test}[_sample].csv``) -> dataset at ``out``. There is no
     user or item id: the search (``search_id``) stands for the user, and an item is a distinct
     combination of the item-side categorical fields. Deterministic; ``seed`` is unused."""
@@ -94,7 +95,7 @@ def convert_aliexpress(src: Path, out: Path, seed: int = 0) -> Path:
             "split": pa.array(split, pa.string()),
         }
     )
-    return _write(out, inter, items.append_column("text", text), users, AE_TASKS)
+    return _write(out, inter, items.append_column("text", text), users, AE_TASKS, force)
 
 
 def _read(
@@ -123,7 +124,7 @@ def _read(
     return pa.concat_tables(parts)
 
 
-def _write(out: Path, inter: pa.Table, items: pa.Table, users: pa.Table, tasks: list[TaskSpec]) -> Path:
+def _write(out: Path, inter: pa.Table, items: pa.Table, users: pa.Table, tasks: list[TaskSpec], force: bool) -> Path:
     """Row order is the only time there is: timestamps 0..N-1."""
     inter = inter.append_column("timestamp", pa.array(np.arange(inter.num_rows), pa.int64()))
-    return write_dataset(out, mark_cold_items(inter), items, tasks, users=users)
+    return write_dataset(out, mark_cold_items(inter), items, tasks, users=users, force=force)

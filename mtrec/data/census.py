@@ -40,7 +40,7 @@ TEXT_SKIP = ("detailed industry recode", "detailed occupation recode")
 NOT_APPLICABLE = re.compile(r"^(Not in universe.*|\?|NA)$")  # left out of the text: "does not apply"
 
 
-def convert(src: Path, out: Path, seed: int = 0) -> Path:
+def convert(src: Path, out: Path, seed: int = 0, force: bool = False) -> Path:
     """``src`` holds ``census-income.names`` and ``census-income.data`` (or the
     ``census-income.data.head1891`` sample), optionally ``census-income.test``."""
     src = Path(src)
@@ -74,7 +74,7 @@ def convert(src: Path, out: Path, seed: int = 0) -> Path:
         held = n_train + rng.permutation(n - n_train)
         split[held[: len(held) // 2]] = "valid"
         inter = mark_cold_items(inter.append_column("split", pa.array(split, pa.string())))
-    return write_dataset(out, inter, items, TASKS)
+    return write_dataset(out, inter, items, TASKS, force=force)
 
 
 def read_names(path: Path) -> dict[str, str]:

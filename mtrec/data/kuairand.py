@@ -36,7 +36,7 @@ VIDEO_TEXT = ("video_type", "upload_dt", "upload_type", "tag")
 USER_COUNTS = ("follow_user_num", "fans_user_num", "friend_user_num", "register_days")  # numeric, not categories
 
 
-def convert(src: Path, out: Path, seed: int = 0) -> Path:
+def convert(src: Path, out: Path, seed: int = 0, force: bool = False) -> Path:
     """Convert a KuaiRand ``data`` folder ``src`` into a dataset at ``out``. Deterministic; ``seed``
     is unused."""
     src = Path(src)
@@ -45,7 +45,7 @@ def convert(src: Path, out: Path, seed: int = 0) -> Path:
     items = _items(src, first_rows(log.select(["item_id", "duration_s"]), "item_id"))
     users = _users(src, log.column("user_id"))
     inter = time_split(log.drop_columns(["tab"]).append_column("context", _tab_words(log.column("tab"))))
-    return write_dataset(out, inter, items, TASKS, users=users)
+    return write_dataset(out, inter, items, TASKS, users=users, force=force)
 
 
 def _read_log(path: Path) -> pa.Table:

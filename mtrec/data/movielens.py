@@ -45,7 +45,7 @@ _YEAR = re.compile(r"\((\d{4})\)")
 LIKE_THRESHOLD = 4
 
 
-def convert(src: Path, out: Path, seed: int = 0) -> Path:
+def convert(src: Path, out: Path, seed: int = 0, force: bool = False) -> Path:
     """Convert an ml-100k or ml-1m folder ``src`` into a dataset at ``out``; ``seed`` drives the
     negative sampling."""
     src = Path(src)
@@ -54,7 +54,7 @@ def convert(src: Path, out: Path, seed: int = 0) -> Path:
     else:
         ratings, items, users = _read_1m(src)
     inter = time_split(_with_negatives(ratings, np.random.default_rng(seed)))
-    return write_dataset(out, inter, items, TASKS, users=users)
+    return write_dataset(out, inter, items, TASKS, users=users, force=force)
 
 
 # ---------------------------------------------------------------------------------------- readers

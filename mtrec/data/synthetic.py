@@ -58,7 +58,7 @@ from mtrec.data.contract import (
 )
 from mtrec.data.splits import assign_split, split_boundaries
 from mtrec.errors import ConfigError, DataError
-from mtrec.io import atomic_dir
+from mtrec.io import atomic_dir, check_output
 from mtrec.metrics import task_metrics
 
 SCENARIOS = ("ecommerce", "social", "search")
@@ -540,12 +540,14 @@ def generate(
     num_interactions: int = 100_000,
     seed: int = 0,
     chunk_rows: int = CHUNK_ROWS,
+    force: bool = False,
 ) -> Path:
     """Write scenario ``scenario`` to ``out`` (atomically); the same arguments give byte-identical files.
 
     ``chunk_rows`` (a multiple of :data:`BLOCK_ROWS`) is the Parquet row-group size; it changes the
-    file layout, never the content.
+    file layout, never the content. ``out`` and ``force`` as in :func:`mtrec.data.contract.write_dataset`.
     """
+    check_output(out, force)
     for name, value in (("num_users", num_users), ("num_items", num_items), ("num_interactions", num_interactions)):
         if value < 1:
             raise ConfigError(f"{name}={value}: must be at least 1")
@@ -554,7 +556,7 @@ def generate(
     w = _build_world(scenario, num_users, num_items, num_interactions, seed)
     tasks = [TaskSpec(**t) for t in w.spec["tasks"]]
     shown = Path(out)
-    with atomic_dir(shown) as tmp:
+    with atomic_dir(shown, keep_foreign=True) as tmp:
         items, users, latent = _entity_tables(w)
         for f, table in ((ITEMS, items), (USERS, users), (ITEM_LATENT, latent)):
             pq.write_table(table, tmp / f)

@@ -1,7 +1,7 @@
 """Language-model text encoders: any Hugging Face model (encoder or decoder-only), loaded offline,
-pooled to one vector per text, with an on-disk vector cache and LoRA adapters for fine-tuning."""
+pooled to one vector per text, with vector caches (on disk, in memory) and LoRA adapters for fine-tuning."""
 
-from mtrec.encoders.cache import VectorStore, encode_cached
+from mtrec.encoders.cache import RecentVectors, VectorStore, encode_cached
 from mtrec.encoders.encoder import POOLINGS, TextEncoder, find_layer_stack, pool
 from mtrec.encoders.lora import apply_lora, default_lora_targets, load_lora_state_dict, lora_state_dict
 from mtrec.encoders.registry import ENCODERS, cache_root, resolve_model_path
@@ -10,6 +10,7 @@ from mtrec.encoders.text import clean_text, clean_texts
 __all__ = [
     "ENCODERS",
     "POOLINGS",
+    "RecentVectors",
     "TextEncoder",
     "VectorStore",
     "apply_lora",

@@ -155,7 +155,7 @@ class TextEncoder(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: EncoderConfig) -> TextEncoder:
-        """Load ``cfg.name`` offline (see :func:`resolve_model_path`) and prepare it for ``cfg.mode``
+        """Load ``cfg.name`` (see :func:`resolve_model_path`) and prepare it for ``cfg.mode``
         (:meth:`prepare_finetuning`)."""
         if cfg.mode == "none":
             raise ConfigError("encoder.mode is 'none' (an ID-only model): there is no text encoder to build")

@@ -1,7 +1,9 @@
-"""Where a language model's files are: registry short names, local paths, the local Hugging Face cache.
+"""Where a language model's files are: registry short names, local paths, the Hugging Face hub.
 
-Nothing here downloads. A Hugging Face name resolves only when a copy is already in the local hub
-cache; otherwise the error says so at once instead of waiting on the network.
+Registry names and local paths never touch the network. A Hugging Face name resolves to its copy in the
+local hub cache when there is one, and is downloaded into that cache otherwise, unless the hub is
+offline (``HF_HUB_OFFLINE=1``, as the demo and the tests set): then the error says at once that the
+model is not cached, instead of waiting on the network.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from mtrec.errors import ConfigError
 from mtrec.io import atomic_dir
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# What AutoModel and AutoTokenizer read from a hub repository: configs, vocabularies, safetensors
+# weights. Other formats a repository may carry (ONNX, TensorFlow, Flax, OpenVINO) stay on the hub.
+HUB_FILES = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.safetensors"]
 
 
 def cache_root() -> Path:
@@ -81,9 +86,19 @@ ENCODERS: dict[str, Callable[[], str]] = {
 }
 
 
+def hub_offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE`` is 1/true/yes/on, now or when the hub
+    library was imported (it reads them once)."""
+    from huggingface_hub import constants
+
+    now = [os.environ.get(v, "").strip().upper() for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")]
+    return constants.HF_HUB_OFFLINE or any(v in ("1", "TRUE", "YES", "ON") for v in now)
+
+
 def resolve_model_path(name: str, revision: str = "main") -> str:
     """A local directory holding the model ``name``: a registry short name (:data:`ENCODERS`), an
-    existing local path, or a Hugging Face name already in the local hub cache (at ``revision``)."""
+    existing local path, or a Hugging Face name at ``revision`` (from the local hub cache, else
+    downloaded; see the module docstring). Raises ConfigError naming the model when none of these works."""
     if name in ENCODERS:
         return ENCODERS[name]()
     path = Path(name).expanduser()
@@ -95,11 +110,25 @@ def resolve_model_path(name: str, revision: str = "main") -> str:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
+    where = f"encoder.name {name!r} (revision {revision!r})"
     try:
-        return snapshot_download(name, revision=revision, local_files_only=True)
-    except (LocalEntryNotFoundError, HFValidationError, OSError) as e:
+        return snapshot_download(name, revision=revision, allow_patterns=HUB_FILES, local_files_only=True)
+    except HFValidationError as e:
+        raise ConfigError(f"{where}: not a registry name ({registry}), a local path or a Hugging Face name") from e
+    except LocalEntryNotFoundError as e:
+        if hub_offline():
+            raise ConfigError(
+                f"{where}: not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 (or TRANSFORMERS_OFFLINE=1) "
+                "forbids downloading it; run once without it to fetch the model, or pass a local path"
+            ) from e
+    try:
+        path = Path(snapshot_download(name, revision=revision, allow_patterns=HUB_FILES))
+        if not any(path.rglob("*.safetensors")):  # older repositories hold PyTorch weights only as *.bin
+            path = Path(snapshot_download(name, revision=revision, allow_patterns=[*HUB_FILES, "*.bin"]))
+    except OSError as e:  # the hub's HTTP and cache errors are OSErrors
+        reason = str(e).partition("\n")[0]
         raise ConfigError(
-            f"encoder.name {name!r}: not a registry name ({registry}), not an existing path, and no "
-            f"copy at revision {revision!r} in the local Hugging Face cache; nothing is downloaded at run "
-            "time, so fetch it beforehand (huggingface-cli download) or pass a local path"
+            f"{where}: not a registry name ({registry}) or a local path, and the Hugging Face hub did not "
+            f"provide it ({type(e).__name__}: {reason})"
         ) from e
+    return str(path)

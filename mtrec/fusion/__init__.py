@@ -8,10 +8,10 @@ a controller feeds windowed per-arm metrics to a policy, ``policy.update(observa
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
-from mtrec.errors import ConfigError
+from mtrec.config import TaskSpec
+from mtrec.errors import ConfigError, check_keyword_params
 from mtrec.fusion.bandit import BanditPolicy
 from mtrec.fusion.control import MAIN, ArmCounts, Decision, Limits, Observation, Policy, project, step_toward
 from mtrec.fusion.policies import ProportionalPolicy, StaticPolicy, TargetPolicy
@@ -34,25 +34,40 @@ POLICIES: dict[str, type[Policy]] = {
 }
 
 
-def build_policy(
-    name: str, weights: dict[str, float], limits: Limits | None = None, seed: int = 0, **params: Any
-) -> Policy:
-    """The policy ``name`` starting from ``weights`` (task -> weight).
+def policy_class(name: str, params: dict[str, Any]) -> type[Policy]:
+    """The class of policy ``name``, once ``params`` are known to be parameters it takes.
 
-    ConfigError on an unknown name (listing the valid ones) or a parameter the policy does not take
-    (listing its parameters).
+    ConfigError on an unknown name (listing the valid ones) or parameter (listing the policy's).
     """
     if name not in POLICIES:
         raise ConfigError(f"unknown policy {name!r}; valid policies: {', '.join(POLICIES)}")
     cls = POLICIES[name]
-    valid = [p.name for p in inspect.signature(cls.__init__).parameters.values() if p.kind is p.KEYWORD_ONLY]
-    unknown = sorted(set(params) - set(valid))
-    if unknown:
-        raise ConfigError(
-            f"policy {name!r}: unknown parameter(s) {', '.join(map(repr, unknown))}; "
-            f"valid parameters: {', '.join(valid) or '(none)'}"
-        )
-    return cls(weights, limits, seed, **params)
+    check_keyword_params(f"policy {name!r}", cls.__init__, params)
+    return cls
+
+
+def build_policy(
+    name: str, weights: dict[str, float], limits: Limits | None = None, seed: int = 0, **params: Any
+) -> Policy:
+    """The policy ``name`` starting from ``weights`` (task -> weight); ConfigError as :func:`policy_class`,
+    or naming a parameter value the policy refuses (a missing target, a task it does not know)."""
+    return policy_class(name, params)(weights, limits, seed, **params)
+
+
+def check_policy(name: str, params: dict[str, Any], tasks: list[TaskSpec] | None) -> None:
+    """Build the policy the weight controller will build for ``tasks`` (their fusion weights) and drop
+    it, so that a bad name or parameter fails before anything starts. ``tasks`` None (a bundle that is
+    not on this machine): only the name and the parameter names are checked.
+
+    ConfigError on one line, naming the tasks when a parameter value does not fit them.
+    """
+    cls = policy_class(name, params)
+    if tasks is None:
+        return
+    try:
+        cls({t.name: t.fusion_weight for t in tasks}, None, 0, **params)
+    except ConfigError as e:
+        raise ConfigError(f"{e} (the bundle's tasks: {', '.join(t.name for t in tasks)})") from e
 
 
 def restore_policy(state: dict[str, Any]) -> Policy:
@@ -77,10 +92,12 @@ __all__ = [
     "StaticPolicy",
     "TargetPolicy",
     "build_policy",
+    "check_policy",
     "fit_scales",
     "fuse",
     "fusion_fn",
     "normalise_weights",
+    "policy_class",
     "project",
     "rank",
     "restore_policy",

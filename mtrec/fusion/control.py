@@ -5,8 +5,9 @@ The serving layer's WeightController reads, each period, the windowed counts of 
 of each task (clicks, carts, purchases; for a regression task, the sum of its values). That snapshot
 is an :class:`Observation`. A policy turns it into a :class:`Decision`: the weights of every arm, the
 share of traffic each arm gets and a human-readable reason. Policies are pure code (no Ray, HTTP or
-Prometheus) so the simulator (:mod:`mtrec.sim`) runs them offline, and their whole state round-trips
-through JSON (:meth:`Policy.to_state`, :meth:`Policy.from_state`) so a restarted controller resumes.
+Prometheus) so the simulator (:mod:`mtrec.fusion.simulator`) runs them offline, and their whole state
+round-trips through JSON (:meth:`Policy.to_state`, :meth:`Policy.from_state`) so a restarted controller
+resumes.
 
 Every policy obeys :class:`Limits`: each weight stays in ``[min_weight, max_weight]``, no weight moves
 more than ``max_step`` in one update, past counts are discounted by ``smoothing`` per update

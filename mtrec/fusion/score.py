@@ -22,18 +22,14 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from mtrec.errors import ConfigError
+from mtrec.weighted import weighted_sum
 
 _LOG_FLOOR = 1e-12  # a scaled prediction of exactly 0 would make the product -inf for every weight
 
 
-def weighted_sum(scaled: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """``(...,) float``: ``sum_t w_t x_t`` of ``scaled`` ``(..., T)`` and ``weights`` ``(T,)``."""
-    return scaled @ weights
-
-
 def weighted_product(scaled: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """``(...,) float``: ``log prod_t x_t ** w_t`` (a monotone transform of the product, so it ranks the same)."""
-    return np.log(np.maximum(scaled, _LOG_FLOOR)) @ weights
+    return weighted_sum(np.log(np.maximum(scaled, _LOG_FLOOR)), weights)
 
 
 FUSIONS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {

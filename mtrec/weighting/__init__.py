@@ -6,12 +6,9 @@
 
 from __future__ import annotations
 
-import inspect
-
 from mtrec.config import TaskSpec
-from mtrec.errors import ConfigError
+from mtrec.errors import ConfigError, check_keyword_params
 from mtrec.weighting.base import Reduce, StepContext, Weighting, identity_reduce
-from mtrec.weighting.common import check_params
 from mtrec.weighting.dwa import DWA
 from mtrec.weighting.famo import FAMO
 from mtrec.weighting.gradnorm import GradNorm
@@ -42,9 +39,7 @@ def build_weighting(name: str, tasks: list[TaskSpec], reduce: Reduce | None = No
     if not tasks:
         raise ConfigError(f"weighting {name!r}: the task list is empty")
     cls = WEIGHTINGS[name]
-    signature = inspect.signature(cls.__init__).parameters.values()
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature):
-        check_params(name, params, [p.name for p in signature if p.kind is inspect.Parameter.KEYWORD_ONLY])
+    check_keyword_params(f"weighting {name!r}", cls.__init__, params)
     return cls(tasks, reduce, **params)
 
 

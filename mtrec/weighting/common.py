@@ -1,5 +1,5 @@
 """Pieces every weighting strategy shares: masking unobserved tasks, rank-averaged losses, per-task
-gradients on the shared parameters, a rank-identical random generator and parameter checks."""
+gradients on the shared parameters, a rank-identical random generator and number checks."""
 
 from __future__ import annotations
 
@@ -22,10 +22,11 @@ def observed_mask(losses: Tensor, ctx: StepContext) -> Tensor:
     return ctx.observed.to(device=losses.device, dtype=torch.bool)
 
 
-def weighted_sum(losses: Tensor, weights: Tensor, observed: Tensor) -> Tensor:
-    """``sum_t w_t L_t`` over observed tasks. Unobserved tasks add exactly zero, even a NaN loss, while
-    their heads stay in the graph (so data-parallel wrappers see every parameter used)."""
-    return (torch.where(observed, losses, 0.0) * weights.to(losses.dtype)).sum()
+def observed_losses(losses: Tensor, observed: Tensor) -> Tensor:
+    """``(T,)``: ``losses`` with those of unobserved tasks exactly zero, even a NaN, for
+    :func:`~mtrec.weighted.weighted_sum`; their heads stay in the graph (so data-parallel wrappers see
+    every parameter used)."""
+    return torch.where(observed, losses, 0.0)
 
 
 def rank_mean_losses(losses: Tensor, observed: Tensor, reduce: Reduce) -> tuple[Tensor, Tensor]:
@@ -70,16 +71,6 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     hashed to the 32 bits the CPU generator (mt19937) actually uses."""
     digest = hashlib.blake2b(f"{seed}/{step}".encode(), digest_size=4).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
-
-
-def check_params(strategy: str, given: dict[str, object], valid: list[str]) -> None:
-    """ConfigError naming each unknown parameter of ``strategy`` and the valid ones."""
-    unknown = sorted(set(given) - set(valid))
-    if unknown:
-        raise ConfigError(
-            f"weighting {strategy!r}: unknown parameter{'s' if len(unknown) > 1 else ''} "
-            f"{', '.join(map(repr, unknown))}; valid parameters: {', '.join(valid) or '(none)'}"
-        )
 
 
 def number(strategy: str, name: str, value: float, *, allow_zero: bool = False) -> float:

@@ -9,8 +9,9 @@ import torch
 from torch import Tensor
 
 from mtrec.config import TaskSpec
+from mtrec.weighted import weighted_sum
 from mtrec.weighting.base import Reduce, StepContext, Weighting
-from mtrec.weighting.common import number, observed_mask, weighted_sum
+from mtrec.weighting.common import number, observed_losses, observed_mask
 
 
 class DWA(Weighting):
@@ -36,7 +37,7 @@ class DWA(Weighting):
     def forward(self, losses: Tensor, ctx: StepContext) -> tuple[Tensor, Tensor]:
         """``losses (T,)`` -> ``(loss (), weights (T,))``."""
         weights = self._weights.clone()
-        return weighted_sum(losses, weights, observed_mask(losses, ctx)), weights
+        return weighted_sum(observed_losses(losses, observed_mask(losses, ctx)), weights), weights
 
     def end_epoch(self, mean_losses: Tensor) -> None:
         """``mean_losses (T,)``: this epoch's mean loss per task over all ranks (NaN: not observed)."""

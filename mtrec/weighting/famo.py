@@ -9,8 +9,9 @@ import torch
 from torch import Tensor
 
 from mtrec.config import TaskSpec
+from mtrec.weighted import weighted_sum
 from mtrec.weighting.base import Reduce, StepContext, Weighting
-from mtrec.weighting.common import number, observed_mask, rank_mean_losses, weighted_sum
+from mtrec.weighting.common import number, observed_losses, observed_mask, rank_mean_losses
 
 _BETAS = (0.9, 0.999)  # Adam moments of the logit update, as in the authors' code
 
@@ -69,7 +70,7 @@ class FAMO(Weighting):
         z = torch.softmax(self._logits, dim=0)
         inv_loss = torch.exp(-torch.nan_to_num(log_loss, nan=0.0))  # 1/L_t; 1 for a never-seen task
         weights = self.num_tasks * z * inv_loss / (z * inv_loss).sum()
-        return weighted_sum(losses, weights, observed), weights
+        return weighted_sum(observed_losses(losses, observed), weights), weights
 
     def _update_logits(self, log_loss: Tensor, seen: Tensor) -> None:
         step = seen & torch.isfinite(self._last_log_loss)

@@ -10,8 +10,9 @@ from torch import Tensor, nn
 
 from mtrec.config import TaskSpec
 from mtrec.errors import ConfigError
+from mtrec.weighted import weighted_sum
 from mtrec.weighting.base import Reduce, StepContext, Weighting
-from mtrec.weighting.common import number, observed_mask, task_grads, trainable, weighted_sum
+from mtrec.weighting.common import number, observed_losses, observed_mask, task_grads, trainable
 
 
 class GradNorm(Weighting):
@@ -65,7 +66,7 @@ class GradNorm(Weighting):
         """``losses (T,)`` -> ``(loss (), weights (T,))``; the weights used here, before this step's update."""
         observed = observed_mask(losses, ctx)
         weights = self._weights.clone()
-        loss = weighted_sum(losses, weights, observed)
+        loss = weighted_sum(observed_losses(losses, observed), weights)
         if self.training and losses.requires_grad:
             self._update(losses, observed, self._grad_params(ctx.shared_params))
         return loss, weights

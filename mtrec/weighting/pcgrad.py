@@ -7,8 +7,9 @@ import torch
 from torch import Tensor
 
 from mtrec.config import TaskSpec
+from mtrec.weighted import weighted_sum
 from mtrec.weighting.base import Reduce, StepContext, Weighting
-from mtrec.weighting.common import number, observed_mask, step_generator, task_grads, trainable, weighted_sum
+from mtrec.weighting.common import number, observed_losses, observed_mask, step_generator, task_grads, trainable
 
 
 def project_conflicting(grads: Tensor, generator: torch.Generator) -> Tensor:
@@ -56,7 +57,7 @@ class PCGrad(Weighting):
         """``losses (T,)`` -> ``(surrogate loss (), weights (T,))``."""
         observed = observed_mask(losses, ctx)
         weights = self.prior.clone()
-        loss = weighted_sum(losses, weights, observed)
+        loss = weighted_sum(observed_losses(losses, observed), weights)
         if not losses.requires_grad:
             return loss, weights
         params = trainable(ctx.shared_params)

@@ -7,8 +7,9 @@ import torch
 from torch import Tensor
 
 from mtrec.config import TaskSpec
+from mtrec.weighted import weighted_sum
 from mtrec.weighting.base import Reduce, StepContext, Weighting
-from mtrec.weighting.common import number, observed_mask, step_generator, weighted_sum
+from mtrec.weighting.common import number, observed_losses, observed_mask, step_generator
 
 
 class RLW(Weighting):
@@ -29,4 +30,4 @@ class RLW(Weighting):
         """``losses (T,)`` -> ``(loss (), weights (T,))``."""
         z = torch.randn(self.num_tasks, generator=step_generator(self._seed, ctx.step))
         weights = (self.num_tasks * torch.softmax(z, dim=0)).to(losses.device)
-        return weighted_sum(losses, weights, observed_mask(losses, ctx)), weights
+        return weighted_sum(observed_losses(losses, observed_mask(losses, ctx)), weights), weights

@@ -5,8 +5,10 @@ from __future__ import annotations
 from torch import Tensor
 
 from mtrec.config import TaskSpec
+from mtrec.errors import check_names
+from mtrec.weighted import weighted_sum
 from mtrec.weighting.base import Reduce, StepContext, Weighting
-from mtrec.weighting.common import check_params, number, observed_mask, weighted_sum
+from mtrec.weighting.common import number, observed_losses, observed_mask
 
 
 class StaticWeighting(Weighting):
@@ -22,11 +24,11 @@ class StaticWeighting(Weighting):
     def __init__(self, tasks: list[TaskSpec], reduce: Reduce | None = None, **weights: float) -> None:
         super().__init__(tasks, reduce)
         names = [t.name for t in tasks]
-        check_params(self.name, weights, names)
+        check_names(f"weighting {self.name!r}", weights, names)
         for task, w in weights.items():
             self.prior[names.index(task)] = number(self.name, task, w, allow_zero=True)
 
     def forward(self, losses: Tensor, ctx: StepContext) -> tuple[Tensor, Tensor]:
         """``losses (T,)`` -> ``(loss (), weights (T,))``."""
         weights = self.prior.clone()
-        return weighted_sum(losses, weights, observed_mask(losses, ctx)), weights
+        return weighted_sum(observed_losses(losses, observed_mask(losses, ctx)), weights), weights

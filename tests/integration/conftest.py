@@ -16,14 +16,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    from mtrec_cluster.ray_env import ensure_ray
+    from mtrec_cluster.ray_env import local_ray
 
-    started = ensure_ray(num_cpus=4)
-    import ray
+    with local_ray(num_cpus=4):
+        import ray
 
-    yield ray
-    if started:
-        ray.shutdown()
+        yield ray
 
 
 @pytest.fixture(scope="session")
@@ -32,10 +30,15 @@ def prometheus_server(ray_cluster, tmp_path_factory):
     metrics export port every second. A test may stop and restart it (same port and data folder,
     ``mtrec_cluster.prometheus.start_prometheus(server.config, server.port, server.data_dir)``); teardown
     stops whichever process the pid file names."""
-    from mtrec_cluster.prometheus import ray_metrics_targets, start_prometheus, stop_prometheus, write_config
+    from mtrec_cluster.prometheus import (
+        ray_metrics_targets,
+        start_prometheus,
+        stop_prometheus,
+        write_prometheus_config,
+    )
 
     root = tmp_path_factory.mktemp("prometheus")
-    config = write_config(root / "prometheus.yml", targets=ray_metrics_targets(), scrape_interval_s=1.0)
+    config = write_prometheus_config(root / "prometheus.yml", targets=ray_metrics_targets(), scrape_interval_s=1.0)
     server = start_prometheus(config, data_dir=root / "data")
     yield server
     stop_prometheus(server.data_dir)

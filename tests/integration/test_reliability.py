@@ -21,17 +21,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from mtrec_app.faults import (
-    BAD_MODES,
-    FakePrometheus,
-    bad_bundles,
-    fuzz_api,
-    hostile_requests,
-    kill_replica,
-    replica_names,
-    send,
-    under_load,
-)
+from bench.fuzz import fuzz_api, hostile_requests, send
+from mtrec_app.faults import BAD_MODES, FakePrometheus, bad_bundles, kill_replica, replica_names, under_load
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 

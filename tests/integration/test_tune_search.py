@@ -109,7 +109,7 @@ def _interrupt_after(proc: subprocess.Popen, out: Path, n: int, timeout_s: float
 
 @pytest.fixture(scope="module")
 def search(ray_cluster, tmp_path_factory):
-    from mtrec_tune.run import run_search
+    from mtrec_tune.search import run_search
 
     root = tmp_path_factory.mktemp("tune")
     data = noisy_aux_dataset(root / "noisy-aux")

@@ -10,12 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mtrec.bundle import MANIFEST, META, VECTORS, WEIGHTS, load_bundle, save_bundle
+from mtrec.bundle import BUNDLE_VERSION, MANIFEST, META, VECTORS, WEIGHTS, load_bundle, save_bundle
 from mtrec.config import Config
 from mtrec.data.synthetic import generate
-from mtrec.engine import batches, make_optimizer, train_step
+from mtrec.engine import batches, fusion_scales, make_optimizer, train_step
 from mtrec.errors import BundleError
 from mtrec.features import collate, prepare_examples
+from mtrec.inference import Catalog
+from mtrec.io import OUTPUT_MARKER
 from mtrec.models import build_model
 from mtrec.weighting import StepContext, build_weighting
 
@@ -45,6 +47,10 @@ def trained(cfg: Config, examples, item_vectors=None, context_vectors=None, enco
     return model.eval()
 
 
+def scales(model, examples) -> dict[str, float]:
+    return fusion_scales(model, (collate(b) for b in batches(examples.arrays("valid"), 256)))
+
+
 def predictions(model, examples) -> dict[str, torch.Tensor]:
     batch = collate(examples.arrays("test"))
     with torch.no_grad():
@@ -72,16 +78,20 @@ def test_round_trip_predicts_bit_identically(tmp_path, examples, mode):
     cfg, meta = config(mode), examples.meta
     vectors = (table(meta.num_items + 1, 0), table(len(meta.contexts) + 1, 1)) if mode == "frozen" else (None, None)
     model = trained(cfg, examples, *vectors)
-    path = save_bundle(tmp_path / "b", cfg, meta, model, vectors[0], meta.item_ids, vectors[1])
+    measured = scales(model, examples)
+    path = save_bundle(tmp_path / "b", cfg, meta, model, measured, vectors[0], vectors[1])
     assert (path / VECTORS).exists() == (mode == "frozen")
     bundle = load_bundle(path)
     before, after = predictions(model, examples), predictions(bundle.model, examples)
     for task in before:
         assert torch.equal(before[task], after[task]), task
-    assert bundle.item_ids == meta.item_ids and bundle.cfg == cfg
+    assert bundle.meta.item_ids == meta.item_ids and bundle.cfg == cfg
+    assert bundle.fusion_scales == measured and set(measured) == {t.name for t in meta.tasks}
     if mode == "frozen":
         assert torch.equal(bundle.item_vectors, vectors[0]) and torch.equal(bundle.context_vectors, vectors[1])
-    assert json.loads((path / MANIFEST).read_text())["version"] == 1
+    assert json.loads((path / MANIFEST).read_text())["version"] == BUNDLE_VERSION
+    files = [MANIFEST, META, WEIGHTS, OUTPUT_MARKER] + [VECTORS] * (mode == "frozen")
+    assert sorted(p.name for p in path.iterdir()) == sorted(files)  # the catalog lives in meta.json alone
 
 
 def test_finetune_bundle_carries_the_trained_encoder_and_its_item_vectors(tmp_path, examples):
@@ -90,7 +100,7 @@ def test_finetune_bundle_carries_the_trained_encoder_and_its_item_vectors(tmp_pa
     cfg = config("finetune")
     cfg.encoder.finetune_layers = 1
     model = trained(cfg, examples, encoder=tiny_encoder(tmp_path))
-    path = save_bundle(tmp_path / "b", cfg, examples.meta, model, None, examples.meta.item_ids)
+    path = save_bundle(tmp_path / "b", cfg, examples.meta, model, scales(model, examples))
     skeleton = tiny_encoder(tmp_path)
     torch.nn.init.normal_(skeleton.model.embeddings.word_embeddings.weight)  # weights must come from the bundle
     bundle = load_bundle(path, encoder=skeleton)
@@ -104,9 +114,8 @@ def test_finetune_bundle_carries_the_trained_encoder_and_its_item_vectors(tmp_pa
 def saved(tmp_path, examples):
     cfg, meta = config("frozen"), examples.meta
     vectors = table(meta.num_items + 1, 0), table(len(meta.contexts) + 1, 1)
-    return save_bundle(
-        tmp_path / "b", cfg, meta, trained(cfg, examples, *vectors), vectors[0], meta.item_ids, vectors[1]
-    )
+    model = trained(cfg, examples, *vectors)
+    return save_bundle(tmp_path / "b", cfg, meta, model, scales(model, examples), *vectors)
 
 
 @pytest.mark.parametrize("name", [WEIGHTS, VECTORS, META])
@@ -130,6 +139,9 @@ def test_other_versions_and_mismatched_weights_are_refused(saved, examples):
     (saved / MANIFEST).write_text(json.dumps({**manifest, "version": 99}))
     with pytest.raises(BundleError, match="version 99"):
         load_bundle(saved)
+    (saved / MANIFEST).write_text(json.dumps({**manifest, "version": 1}))  # items.json, no fusion scales
+    with pytest.raises(BundleError, match=f"version 1; this code reads 'mtrec-bundle' version {BUNDLE_VERSION}"):
+        Catalog.load(saved)
     (saved / MANIFEST).write_text("{not json")
     with pytest.raises(BundleError, match=f"{MANIFEST}: not valid JSON"):
         load_bundle(saved)
@@ -137,6 +149,23 @@ def test_other_versions_and_mismatched_weights_are_refused(saved, examples):
     (saved / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match=f"{WEIGHTS}: does not fit"):
         load_bundle(saved)
+
+
+def test_fusion_scales_must_cover_every_task_with_a_positive_number(saved, examples, tmp_path):
+    manifest = json.loads((saved / MANIFEST).read_text())
+    task = examples.meta.tasks[-1].name
+    (saved / MANIFEST).write_text(json.dumps({**manifest, "fusion_scales": {**manifest["fusion_scales"], task: 0}}))
+    with pytest.raises(BundleError, match=f"{MANIFEST}: fusion_scales: task '{task}' has scale 0"):
+        load_bundle(saved)
+    del manifest["fusion_scales"][task]
+    (saved / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=f"task '{task}' has scale None"):
+        Catalog.load(saved)
+    cfg = config("none")
+    model = trained(cfg, examples)
+    with pytest.raises(BundleError, match=f"fusion_scales: task '{task}' has scale nan"):
+        save_bundle(tmp_path / "c", cfg, examples.meta, model, {**scales(model, examples), task: float("nan")})
+    assert not (tmp_path / "c").exists()
 
 
 def lora_config(model_dir) -> Config:
@@ -163,7 +192,7 @@ def test_lora_bundle_holds_only_adapters_and_rebuilds_base_plus_adapters(tmp_pat
     cfg = lora_config(llama_dir(tmp_path / "base", texts))
     model = trained(cfg, examples, encoder=TextEncoder.from_config(cfg.encoder))
     assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in model.named_parameters() if "lora_B" in n)
-    path = save_bundle(tmp_path / "b", cfg, examples.meta, model, None, examples.meta.item_ids)
+    path = save_bundle(tmp_path / "b", cfg, examples.meta, model, scales(model, examples))
 
     saved = load_file(path / WEIGHTS)
     encoder_keys = {k for k in saved if k.startswith("encoder.")}
@@ -190,7 +219,7 @@ def test_lora_bundle_without_its_base_record_is_refused(tmp_path, examples):
 
     cfg = lora_config(llama_dir(tmp_path / "base", examples.meta.item_texts + examples.meta.contexts))
     model = trained(cfg, examples, encoder=TextEncoder.from_config(cfg.encoder))
-    path = save_bundle(tmp_path / "b", cfg, examples.meta, model, None, examples.meta.item_ids)
+    path = save_bundle(tmp_path / "b", cfg, examples.meta, model, scales(model, examples))
     manifest = json.loads((path / MANIFEST).read_text())
     del manifest["encoder_base"]
     (path / MANIFEST).write_text(json.dumps(manifest))

@@ -137,26 +137,3 @@ def test_the_loopback_setting_holds_when_ray_was_imported_first():
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "127.0.0.1"]
-
-
-@pytest.mark.parametrize("trials", ["0", "5"])
-def test_the_demo_search_stays_short(trials, capsys):
-    from mtrec_app import demo
-
-    with pytest.raises(SystemExit):
-        demo.parse_args(["--trials", trials])
-    assert f"--trials: {trials}: the demo's search runs 1 to {demo.MAX_TRIALS} trials" in capsys.readouterr().err
-
-
-def test_ctrl_c_during_the_demo_search_stops_the_demo(tmp_path, monkeypatch):
-    """Tune's own SIGINT handler ends the search early (SearchInterrupted, which `mtrec tune` answers
-    with "run again to resume"); the demo, which starts afresh every time, stops as on any Ctrl-C."""
-    from mtrec_app import demo
-    from mtrec_tune import run
-
-    def interrupted(*args, **kwargs):
-        raise run.SearchInterrupted("search stopped with 1 of 2 trials unfinished")
-
-    monkeypatch.setattr(run, "run_search", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        demo.stage_tune(tmp_path, tmp_path, dict(demo.QUICK))

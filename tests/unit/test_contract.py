@@ -16,6 +16,7 @@ from mtrec.data.contract import (
     atomic_dir,
     check,
     read_tasks,
+    review,
     validate,
     write_dataset,
 )
@@ -108,7 +109,8 @@ def test_empty_text_and_duplicate_ids(dataset):
     _rewrite(dataset, ITEMS, items)
     problems = validate(dataset)
     assert _only(problems, ITEMS, "text").rows == 2
-    assert _only(problems, ITEMS, "item_id").rows == 1
+    dup = _only(problems, ITEMS, "item_id")
+    assert dup.rows == 1 and "e.g. 12" in dup.message
 
 
 def test_duplicate_users(dataset):
@@ -144,6 +146,63 @@ def test_bad_task_files(tmp_path, yaml_text, fragment):
     with pytest.raises(DataError) as e:
         read_tasks(tmp_path)
     assert fragment in str(e.value) and TASKS in str(e.value)
+
+
+def test_every_broken_task_entry_is_reported(tmp_path):
+    (tmp_path / TASKS).write_text(
+        "tasks:\n- {name: a, kind: ordinal}\n- {name: b, weight: 2}\n- {name: c, depends_on: zz}\n"
+        "- {name: d, depends_on: a}\n- {name: c}"
+    )
+    with pytest.raises(DataError) as e:
+        read_tasks(tmp_path)
+    messages = [p.message for p in e.value.problems]
+    assert len(messages) == 4, messages
+    assert messages[0].startswith("entry 1 (task 'a'): kind: 'ordinal' is not one of")
+    assert messages[1].startswith("entry 2 (task 'b'): unknown key weight; valid keys: name, kind, label")
+    # d depends on the broken entry a: that counts as a's problem, not as an unknown task (4 problems, not 5)
+    assert messages[2:] == ["task name 'c' appears 2 times", "task 'c' depends on unknown task 'zz'"]
+
+
+def test_task_file_that_is_not_yaml(tmp_path):
+    (tmp_path / TASKS).write_text("tasks: [ {name: a\n")
+    with pytest.raises(DataError, match="not valid YAML"):
+        read_tasks(tmp_path)
+
+
+def test_dependent_task_positive_where_its_parent_is_zero(dataset):
+    inter, _, _ = _tables()
+    j = inter.column_names.index("buy")
+    _rewrite(dataset, INTERACTIONS, inter.set_column(j, "buy", pa.array([1, 1, 0, 1, 1, 0], pa.int8())))
+    p = _only(validate(dataset), INTERACTIONS, "buy")
+    assert p.rows == 2 and p.message == "task 'buy' depends on 'click', yet is positive where 'click' is 0"
+
+
+@pytest.mark.parametrize(
+    "column, rows, fragment",
+    [
+        (pa.array([1_700_000_000_000 + i for i in range(6)], pa.int64()), 6, "look like milliseconds"),
+        (pa.array([1_700_000_000 + i for i in range(5)] + [1_700_000_000_000_000], pa.int64()), 1, "microseconds"),
+        (pa.array([1_700_000_000_000_000_000 + i for i in range(6)], pa.timestamp("ns")), 6,
+         "found timestamp[ns]; cast it to int64 and divide by 1,000,000,000"),
+        (pa.array(list(range(6)), pa.timestamp("ms")), 6, "found timestamp[ms]; cast it to int64 and divide by 1,000"),
+    ],
+)  # fmt: skip
+def test_timestamps_in_a_finer_unit_get_a_hint(dataset, column, rows, fragment):
+    inter, _, _ = _tables()
+    _rewrite(dataset, INTERACTIONS, inter.set_column(inter.column_names.index("timestamp"), "timestamp", column))
+    p = _only(validate(dataset), INTERACTIONS, "timestamp")
+    assert p.rows == rows and fragment in p.message, p.message
+
+
+def test_an_empty_split_is_a_warning_not_an_error(dataset):
+    inter, _, _ = _tables()
+    _rewrite(dataset, INTERACTIONS, inter.append_column("split", pa.array(["train"] * 5 + ["test"])))
+    assert validate(dataset) == []
+    found = review(dataset)
+    assert found.errors == [] and [str(w) for w in found.warnings] == [
+        f"{dataset / INTERACTIONS}, column 'split': no 'valid' rows: its metrics will be empty "
+        "(drop the column to split by time)"
+    ]
 
 
 def test_failed_write_leaves_nothing_and_keeps_the_old_output(tmp_path, dataset):
@@ -191,7 +250,7 @@ def test_atomic_write_text_keeps_the_old_contents_when_the_write_fails(tmp_path,
     def broken_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr("mtrec.data.contract.os.replace", broken_replace)
+    monkeypatch.setattr("mtrec.io.os.replace", broken_replace)
     with pytest.raises(OSError, match="disk full"):
         atomic_write_text(target, "new")
     assert target.read_text() == "old"

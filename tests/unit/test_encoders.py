@@ -27,6 +27,7 @@ from transformers import (
 from mtrec.config import Config, EncoderConfig
 from mtrec.encoders import (
     ENCODERS,
+    RecentVectors,
     TextEncoder,
     VectorStore,
     apply_lora,
@@ -302,6 +303,23 @@ def test_encode_cached_default_dir_is_the_user_cache(tmp_path, monkeypatch):
     assert shard_dir.name.startswith("bert_local-") and len(list(shard_dir.glob("shard-*.npz"))) == 1
 
 
+def test_encode_cached_through_recent_vectors_is_an_lru_over_cleaned_texts(monkeypatch):
+    enc = encoder("bert")
+    spy = Counting(enc, monkeypatch)
+    cache = RecentVectors(capacity=2)
+    out = encode_cached(enc, ["robot", "robot \t\u200b", "cook book"], cache)  # the first two clean alike
+    assert spy.calls == [["robot", "cook book"]]
+    np.testing.assert_array_equal(out[0], out[1])
+    np.testing.assert_allclose(out, enc.encode(["robot", "robot", "cook book"]).numpy(), atol=1e-6)
+    encode_cached(enc, ["cook book"], cache)  # a hit: "cook book" becomes the most recent
+    encode_cached(enc, ["space ship crew"], cache)  # evicts "robot", the least recent
+    assert spy.calls[-1] == ["space ship crew"] and len(cache) == 2
+    encode_cached(enc, ["robot", "cook book"], cache)
+    assert spy.calls[-1] == ["robot"] and cache.hits == 2 and cache.misses == 4
+    with pytest.raises(ValueError, match="capacity -1"):
+        RecentVectors(capacity=-1)
+
+
 def test_encode_cached_misses_after_weights_change(tmp_path, monkeypatch):
     enc = encoder("bert")
     spy = Counting(enc, monkeypatch)
@@ -331,7 +349,7 @@ def test_vector_store_concurrent_writers_and_merge(tmp_path):
     assert len(got) == len(expected)
     assert all(np.array_equal(got[k], v) for k, v in expected.items())
     shards = list(tmp_path.glob("shard-*.npz"))
-    assert len(shards) <= MAX_SHARDS + 16 and not list(tmp_path.glob(".*tmp"))  # merged as they piled up
+    assert len(shards) <= MAX_SHARDS + 16 and not list(tmp_path.glob(".*.tmp-*"))  # merged as they piled up
     (tmp_path / "shard-broken.npz").write_bytes(b"not a zip")
     assert len(store.get(set(expected))) == len(expected)
 
@@ -411,8 +429,34 @@ def test_unknown_names_fail_fast_and_list_the_registry(tmp_path):
     assert set(ENCODERS) >= {"minilm", "smollm2"}
     with pytest.raises(ConfigError, match="minilm, smollm2"):
         resolve_model_path(str(tmp_path / "missing"))
-    with pytest.raises(ConfigError, match="local Hugging Face cache"):
-        resolve_model_path("nobody-here/no-such-model-xyz")
+
+
+@pytest.mark.parametrize("variable", ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"])
+def test_an_uncached_hub_name_offline_is_a_clean_error_without_network(monkeypatch, variable):
+    def no_network(*args, **kwargs):
+        raise AssertionError("the network was used")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv(variable, "1")
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    with pytest.raises(ConfigError) as e:
+        TextEncoder.from_config(EncoderConfig(name="nobody-here/no-such-model-xyz"))
+    assert str(e.value) == (
+        "encoder.name 'nobody-here/no-such-model-xyz' (revision 'main'): not in the local Hugging Face cache, "
+        "and HF_HUB_OFFLINE=1 (or TRANSFORMERS_OFFLINE=1) forbids downloading it; run once without it to fetch "
+        "the model, or pass a local path"
+    )
+
+
+def test_the_packaged_model_and_local_paths_never_reach_the_hub(monkeypatch, tmp_path):
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the hub was asked")
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", no_hub)
+    assert Path(resolve_model_path("minilm"), "config.json").exists()
+    assert resolve_model_path(str(tmp_path)) == str(tmp_path)
 
 
 # ---------------------------------------------------------------------------------- fine-tuning from the config

@@ -10,7 +10,7 @@ import torch
 from bench.quality_bench import OVERRIDES
 from mtrec.config import Config
 from mtrec.data.synthetic import generate, oracle_metrics
-from mtrec.engine import batches, fit, make_optimizer, objective_value, train_step
+from mtrec.engine import batches, fit, make_optimizer, objective_value, text_inputs, train_step
 from mtrec.errors import ConfigError
 from mtrec.features import collate, prepare_examples
 from mtrec.models import build_model
@@ -77,6 +77,17 @@ def test_gradient_weighting_and_early_stopping_run_through_fit(small):
     assert all(math.isfinite(s) for s in scores)
     stopped_early = len(scores) < 6
     assert not stopped_early or scores[-1] <= max(scores[:-1])
+
+
+def test_text_inputs_follow_the_encoder_mode_and_reuse_encoded_vectors(small):
+    """Each mode gets what build_model needs; frozen vectors already encoded (object store, bundle) are
+    used as they are, and no language model is loaded for them (the named one does not exist)."""
+    meta, encoder = small.meta, object()
+    stored = torch.zeros(meta.num_items + 1, 4), None
+    frozen = small_config("encoder.mode=frozen", "encoder.name=/nonexistent/model")
+    assert text_inputs(frozen, meta, vectors=stored) == (*stored, None)
+    assert text_inputs(small_config("encoder.mode=finetune"), meta, encoder, stored) == (None, None, encoder)
+    assert text_inputs(small_config(), meta, encoder, stored) == (None, None, None)
 
 
 def test_objective_values():

@@ -11,6 +11,7 @@ import pytest
 from mtrec.config import Config, TaskSpec
 from mtrec.data.contract import write_dataset
 from mtrec.features import ExampleSet, Vocab, collate, pad_history, prepare_examples
+from mtrec.io import OUTPUT_MARKER
 
 TASKS = [TaskSpec("click"), TaskSpec("buy", depends_on="click"), TaskSpec("stars", "regression", label="rating")]
 
@@ -160,7 +161,7 @@ def test_user_side_features_collate_and_meta_round_trip(tmp_path):
     assert train["user_cat_age"].tolist() == age.lookup([30, 30, 30, 30, 40, 40]).tolist()
     assert set(train) >= {"user_num_spend", "inter_num_position"}
     files = sorted(p.name for p in ex.root.iterdir())
-    assert files == ["items.parquet", "meta.json", "test.parquet", "train.parquet", "valid.parquet"]
+    assert files == [OUTPUT_MARKER, "items.parquet", "meta.json", "test.parquet", "train.parquet", "valid.parquet"]
     again = ExampleSet.load(ex.root)
     assert json.loads(json.dumps(again.meta.to_json())) == json.loads((ex.root / "meta.json").read_text())
     assert again.meta.user_num == ex.meta.user_num and again.meta.users == ex.meta.users

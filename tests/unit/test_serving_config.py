@@ -6,9 +6,10 @@ import pytest
 import yaml
 
 from mtrec.errors import ConfigError
+from mtrec.inference import Candidate, ScoreRequest
 from mtrec_serve.config import AUTOSCALING, serve_config
 from mtrec_serve.run import main
-from mtrec_serve.schemas import CandidateIn, Limits, RecommendBody, check_limits
+from mtrec_serve.schemas import CandidateIn, RecommendBody, check_limits
 
 
 def test_serve_config_validates_and_merges_autoscaling_overrides():
@@ -38,7 +39,7 @@ def test_heads_in_ingress_leaves_out_the_task_heads_deployment():
     "overrides, message",
     [
         ({"Ingress": {"max_replicas": 2}}, "'Ingress' does not autoscale"),
-        ({"Embedder": {"max_replica": 2}}, r"unknown key\(s\) \['max_replica'\]"),
+        ({"Embedder": {"max_replica": 2}}, "autoscaling.Embedder: unknown key 'max_replica'; valid keys: "),
         ({"Embedder": {"min_replicas": 3, "max_replicas": 2}}, "autoscaling.Embedder"),
         ({"TaskHeads": {"target_ongoing_requests": -1}}, "autoscaling.TaskHeads"),
     ],
@@ -62,13 +63,39 @@ def test_serve_config_command_writes_the_rayservice_block(tmp_path, capsys):
         main(["config", "--bundle", "/b", "--autoscale", "max_replicas=3"])
 
 
+def test_a_body_converts_to_the_core_request_field_by_field():
+    body = RecommendBody(
+        user_id="u1",
+        candidates=[7, CandidateIn(item_id="new", text="a red bike", features={"discount": 0.2})],
+        history=[3, "x"],
+        context="bikes",
+        user_features={"age": 31},
+        k=5,
+    )
+    assert body.request() == ScoreRequest(
+        user_id="u1",
+        candidates=[Candidate(7), Candidate("new", "a red bike", {"discount": 0.2})],
+        history=[3, "x"],
+        context="bikes",
+        user_features={"age": 31},
+    )
+    # one definition of the request: the HTTP bodies hold the core request's fields under the same names
+    assert set(ScoreRequest.__dataclass_fields__) <= set(RecommendBody.model_fields)
+    assert set(Candidate.__dataclass_fields__) == set(CandidateIn.model_fields)
+
+
 def test_request_limits_name_the_field():
-    limits = Limits(max_candidates=3, max_text_chars=5)
-    assert check_limits(RecommendBody(user_id=1, candidates=[1, 2, 3]), limits) is None
-    assert "at most 3" in check_limits(RecommendBody(user_id=1, candidates=[1, 2, 3, 4]), limits)
-    long_text = RecommendBody(user_id=1, candidates=[CandidateIn(item_id="n", text="abcdef")])
-    assert check_limits(long_text, limits) == "candidates[0].text: 6 characters; at most 5"
-    assert "appears more than once" in check_limits(RecommendBody(user_id=1, candidates=[2, "2"]), limits)
+    limits = dict(max_candidates=3, max_text_chars=5)
+
+    def check(**body) -> str | None:
+        return check_limits(RecommendBody(user_id=1, **body).request(), **limits)
+
+    assert check(candidates=[1, 2, 3]) is None
+    assert "at most 3" in check(candidates=[1, 2, 3, 4])
+    assert check(candidates=[CandidateIn(item_id="n", text="abcdef")]) == "candidates[0].text: 6 characters; at most 5"
+    blank = check(candidates=[1], context=" \t\u200b")
+    assert blank.startswith("context: ") and "holds no words" in blank
+    assert "appears more than once" in check(candidates=[2, "2"])
     with pytest.raises(ValueError, match="Extra inputs are not permitted"):
         RecommendBody(user_id=1, candidates=[1], colour="red")
     with pytest.raises(ValueError, match="finite"):

@@ -197,15 +197,17 @@ def test_build_source_validates():
         build_source({"kind": "scrape", "url": "http://x", "period": 3}, None, 60)
 
 
-def test_write_config_and_missing_binary(tmp_path):
-    from mtrec_cluster.prometheus import start_prometheus, stop_prometheus, write_config
+def test_write_prometheus_config_and_missing_binary(tmp_path):
+    from mtrec_cluster.prometheus import start_prometheus, stop_prometheus, write_prometheus_config
 
-    path = write_config(tmp_path / "p.yml", targets=["127.0.0.1:1"], sd_file=tmp_path / "sd.json", scrape_interval_s=1)
+    path = write_prometheus_config(
+        tmp_path / "p.yml", targets=["127.0.0.1:1"], sd_file=tmp_path / "sd.json", scrape_interval_s=1
+    )
     job = json.loads(path.read_text())["scrape_configs"][0]
     assert job["scrape_interval"] == "1000ms" and job["static_configs"] == [{"targets": ["127.0.0.1:1"]}]
     assert job["file_sd_configs"][0]["files"] == [str(tmp_path / "sd.json")]
     with pytest.raises(ConfigError, match="targets"):
-        write_config(tmp_path / "q.yml")
+        write_prometheus_config(tmp_path / "q.yml")
     with pytest.raises(Exception, match="binary '/nonexistent/prometheus' not found"):
         start_prometheus(path, binary="/nonexistent/prometheus")
     assert stop_prometheus(os.getpid()) is False  # not a Prometheus: left alone
@@ -213,13 +215,14 @@ def test_write_config_and_missing_binary(tmp_path):
 
 def test_prometheus_source_against_a_real_prometheus(endpoint, tmp_path):
     """PromQL and label filtering end to end: a real Prometheus scraping canned exposition text."""
-    from mtrec_cluster.prometheus import DEFAULT_BINARY, start_prometheus, write_config
+    from mtrec_cluster.prometheus import DEFAULT_BINARY, start_prometheus, write_prometheus_config
 
     if not os.path.exists(DEFAULT_BINARY):
         pytest.skip(f"{DEFAULT_BINARY} not installed")
     endpoint.answer((200, exposition({"main": 100}, {("main", "click"): 10}), 0))
     host = endpoint.url.removeprefix("http://")
-    server = start_prometheus(write_config(tmp_path / "p.yml", targets=[host], scrape_interval_s=0.5), timeout_s=30)
+    config = write_prometheus_config(tmp_path / "p.yml", targets=[host], scrape_interval_s=0.5)
+    server = start_prometheus(config, timeout_s=30)
     try:
         src = PrometheusSource(server.url, app="app", window_s=10)
         _until(lambda: src.read() is None and src.problem is None, "the baseline")  # set by the first scrape

@@ -116,7 +116,7 @@ def test_trial_config_sets_seed_and_leaves_the_base_alone():
 @pytest.mark.parametrize(
     "sample, fragment",
     [
-        ({"epochs": 3}, "unknown search key 'epochs'"),
+        ({"epochs": 3}, "search point: unknown key 'epochs'; valid keys: weighting, params"),
         ({"weighting": "magic"}, "unknown weighting 'magic'"),
         ({"weighting": "dwa", "params": {"dwa": {"alpha": 1.0}}}, "alpha"),
         ({"weighting": "static", "task_weights": {"click": 1.0}}, "missing purchase, dwell"),
@@ -185,8 +185,12 @@ def test_unreadable_objectives_fail(text, fragment):
 
 
 def test_objectives_naming_unknown_tasks_or_metrics_fail():
-    with pytest.raises(ConfigError, match="unknown task 'buy'"):
-        Objective.parse("buy.auc").check(TASKS)
+    tasks = _base().tasks
+    Objective.parse("0.5*click.auc + purchase.logloss + mean_auc; dwell.rmse<=1.2").check(tasks)
+    with pytest.raises(ConfigError, match=r"term 'buy.auc' is not one of mean_auc, click.auc, click.logloss"):
+        Objective.parse("buy.auc").check(tasks)
+    with pytest.raises(ConfigError, match="guardrail 'dwell.auc' is not one of .*dwell.rmse, dwell.mae"):
+        Objective.parse("click.auc; dwell.auc>=0.5").check(tasks)
     with pytest.raises(ConfigError, match="click.ndcg"):
         Objective.parse("click.ndcg").value(METRICS)
     with pytest.raises(ConfigError, match="guardrail metric 'click.ndcg'"):

@@ -1,10 +1,9 @@
-"""The serving path: raw requests map to exactly the model inputs training used; cold items and users
-are served through their text and hashed id buckets; the text-vector cache; arm choice."""
+"""The request-to-model path: raw requests map to exactly the model inputs training used; cold items and
+users are served through their text and hashed id buckets; the bundle's fusion scales come from training."""
 
 from __future__ import annotations
 
 import re
-from collections import Counter
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -12,20 +11,12 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
-from mtrec.bundle import load_bundle, save_bundle
+from mtrec.bundle import load_bundle
 from mtrec.config import Config
 from mtrec.data.synthetic import generate
 from mtrec.engine import fit
 from mtrec.features import ExampleSet, collate
-from mtrec.serving import (
-    Candidate,
-    Catalog,
-    RequestError,
-    Scorer,
-    ScoreRequest,
-    TextVectorCache,
-    choose_arm,
-)
+from mtrec.inference import Candidate, Catalog, RequestError, Scorer, ScoreRequest
 
 MODEL_KEYS = ("user", "item", "history", "context", "user_cat", "user_num", "inter_num")
 
@@ -165,74 +156,32 @@ def test_a_finetune_bundle_serves_from_its_stored_vectors_without_the_encoder(wo
     )
     cfg.train.epochs = 1
     result = fit(cfg, examples, encoder=word_encoder(examples.meta.item_texts))
-    path = save_bundle(tmp_path / "b", cfg, examples.meta, result.model, None, examples.meta.item_ids)
+    path = result.save_bundle(tmp_path / "b", cfg)
     skeleton = word_encoder(examples.meta.item_texts)
     bundle = load_bundle(path, encoder=skeleton)
     batch = collate({k: v[:64] for k, v in examples.arrays("test").items()})
     with torch.no_grad():
         own = bundle.model(batch)
-    scorer = Scorer(bundle)
+    Scorer(bundle)  # takes the model over for serving
     assert bundle.model.encoder is None  # the language model is off the scoring path
     skeleton.forward = lambda *a: pytest.fail("the encoder ran for a catalog item")
     with torch.no_grad():
         served = bundle.model(batch)
     for task in own:
         torch.testing.assert_close(served[task], own[task], rtol=1e-4, atol=1e-5)
-    assert scorer.reference_scales().keys() == set(scorer.tasks)
 
 
-def test_text_vector_cache_is_an_lru_over_cleaned_texts():
-    calls: list[list[str]] = []
-
-    def encode(texts):
-        calls.append(texts)
-        return np.array([[len(t), 1.0] for t in texts], np.float32)
-
-    cache = TextVectorCache(capacity=2)
-    out = cache.get_or_encode(["a b", "a  b\t", "ccc"], encode)  # the first two clean to the same text
-    assert calls == [["a b", "ccc"]] and out[:, 0].tolist() == [3, 3, 3]
-    cache.get_or_encode(["ccc"], encode)  # hit: "ccc" becomes the most recent
-    cache.get_or_encode(["dd"], encode)  # evicts "a b", the least recent
-    assert calls[-1] == ["dd"] and len(cache) == 2
-    cache.get_or_encode(["a b", "ccc"], encode)
-    assert calls[-1] == ["a b"] and cache.hits == 2 and cache.misses == 4
-
-
-def test_arm_choice_is_deterministic_and_follows_the_shares():
-    traffic = {"main": 0.8, "explore-1": 0.15, "explore-2": 0.05}
-    ids = [f"req-{i}" for i in range(20_000)]
-    arms = [choose_arm(i, traffic) for i in ids]
-    assert arms == [choose_arm(i, dict(reversed(traffic.items()))) for i in ids]  # order of the dict is irrelevant
-    counts = Counter(arms)
-    for arm, share in traffic.items():
-        assert abs(counts[arm] / len(ids) - share) < 0.01, (arm, counts)
-    assert {choose_arm(i, {"main": 1.0, "off": 0.0}) for i in ids[:500]} == {"main"}
-    with pytest.raises(ValueError, match="shares must be finite"):
-        choose_arm("x", {"main": float("nan")})
-    with pytest.raises(ValueError):
-        choose_arm("x", {})
+def test_the_bundle_carries_the_fusion_scales_training_measured_on_the_validation_examples(world):
+    """Serving divides each task by its mean prediction over the validation examples, measured once at
+    the end of training and stored in the bundle, not re-estimated by each replica."""
+    bundle = load_bundle(world["bundle"])
+    with torch.no_grad():
+        preds = bundle.model(collate(world["examples"].arrays("valid")))
+    expected = {t: float(preds[t].double().mean()) for t in preds}
+    assert bundle.fusion_scales == pytest.approx(expected, rel=1e-5)
+    assert Catalog.load(world["bundle"]).fusion_scales == Scorer(bundle).catalog.fusion_scales == bundle.fusion_scales
 
 
 def _or_none(x) -> float | None:
     """A raw feature value as a request sends it: null when missing."""
     return None if x is None or np.isnan(x) else float(x)
-
-
-def test_feedback_ledger_counts_once_forgets_old_requests_and_names_what_is_wrong():
-    from mtrec.serving import FeedbackLedger
-
-    now = [0.0]
-    ledger = FeedbackLedger(ttl_s=10, max_requests=2, clock=lambda: now[0])
-    ledger.remember("r1", "main", [1, "b"])
-    assert ledger.record("r1", "1", ["click"]) == ("main", ["click"], [])  # ids compare as strings
-    assert ledger.record("r1", 1, ["click", "buy"]) == ("main", ["buy"], ["click"])
-    with pytest.raises(LookupError, match="item_id 'zz' was not served in request 'r1'"):
-        ledger.record("r1", "zz", ["click"])
-    ledger.remember("r2", "explore", ["x"])
-    ledger.remember("r3", "main", ["y"])  # over max_requests: r1, the oldest, goes
-    with pytest.raises(LookupError, match="request_id 'r1'"):
-        ledger.record("r1", 1, ["click"])
-    now[0] = 11.0  # past the TTL
-    with pytest.raises(LookupError, match="request_id 'r2'"):
-        ledger.record("r2", "x", ["click"])
-    assert len(ledger) == 2

@@ -8,7 +8,7 @@ import pytest
 from mtrec.data.synthetic import generate
 from mtrec.errors import ConfigError
 from mtrec.fusion import Limits, build_policy, fit_scales
-from mtrec.sim import Pool, Shift, Simulator, chain, conditional, load_pool
+from mtrec.fusion.simulator import Pool, Shift, Simulator, chain, conditional, load_pool
 
 TASKS = ["click", "add_to_cart", "purchase"]
 PRIOR = {"click": 1.0, "add_to_cart": 3.0, "purchase": 8.0}

@@ -1,8 +1,8 @@
-"""Everything between a recommendation request and the model (pure: no Ray, no HTTP).
+"""The path from a recommendation request to the model's predictions (pure: no Ray, no HTTP).
 
-A request names a user, optionally their recent items, the candidates and a context text. The
-:class:`Catalog` (the bundle's meta only, cheap enough for every Ingress replica) turns it into model
-indexes, a :class:`Prepared` request:
+A :class:`ScoreRequest` names a user, optionally their recent items, the candidates and a context
+text. The :class:`Catalog` (the bundle's manifest and meta only, cheap enough for every Ingress
+replica) turns it into model indexes, an :class:`IndexedRequest`:
 
 - the user id -> its id-embedding row through the bundle's :class:`~mtrec.features.Vocab`: a user
   unseen in training shares a hashed bucket row (cold users work); optional side features of the
@@ -20,21 +20,15 @@ indexes, a :class:`Prepared` request:
 - the context text: its row in the bundle's context table when it was seen in training, else a text
   to encode (a model without contexts ignores it).
 
-:class:`Scorer` holds the model and predicts batches of prepared requests in one forward (cold items
+:class:`Scorer` holds the model and predicts batches of indexed requests in one forward (cold items
 and unseen contexts become the model's ``extra_items`` / ``extra_contexts``: rows appended after
 the bundle's tables). A finetune-mode bundle is served from its stored item-vector table (the
 trained encoder's vectors), so the language model never runs for catalog items.
-:class:`TextVectorCache` keeps the vectors of recent texts not in the bundle; :func:`choose_arm`
-assigns a request to a fusion-weight arm.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,15 +38,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mtrec.bundle import MANIFEST, META, Bundle
+from mtrec.bundle import Bundle, read_description
 from mtrec.config import Config
-from mtrec.encoders.text import clean_text
 from mtrec.errors import BundleError, MtrecError
 from mtrec.features import FeatureMeta, standardise
-from mtrec.fusion import fit_scales
 from mtrec.models import ExtraItems, MultiTaskModel, TextVectors
-
-SCALE_SAMPLE = 512  # (user, item) pairs whose mean prediction is each task's fusion scale
 
 
 class RequestError(MtrecError, ValueError):
@@ -82,7 +72,7 @@ class ScoreRequest:
 
 
 @dataclass
-class Prepared:
+class IndexedRequest:
     """A request as model indexes; cold items and an unseen context still need text vectors.
 
     ``items`` (N,) int64: catalog index (>= 1), or ``-(1 + e)`` for the cold item ``texts[e]``;
@@ -104,11 +94,14 @@ class Prepared:
 
 
 class Catalog:
-    """A bundle's vocabularies and catalog: raw request -> :class:`Prepared` (see the module docstring)."""
+    """A bundle's vocabularies, catalog and fusion scales: raw request -> :class:`IndexedRequest` (see
+    the module docstring). ``fusion_scales``: task -> the mean prediction training measured
+    (:func:`mtrec.engine.fusion_scales`), which divides each task's predictions before fusion."""
 
-    def __init__(self, cfg: Config, meta: FeatureMeta) -> None:
+    def __init__(self, cfg: Config, meta: FeatureMeta, fusion_scales: Mapping[str, float]) -> None:
         self.cfg = cfg
         self.meta = meta
+        self.fusion_scales = dict(fusion_scales)
         self.tasks: list[str] = [t.name for t in meta.tasks]
         self.reads_text: bool = cfg.encoder.mode != "none"
         self._item_index: dict[Any, int] = {item: i + 1 for i, item in enumerate(meta.item_ids)}
@@ -118,22 +111,15 @@ class Catalog:
 
     @classmethod
     def load(cls, path: str | Path) -> Catalog:
-        """From a bundle directory's ``bundle.json`` and ``meta.json`` alone (no weights: the Ingress
-        needs no model). The checksums are checked where the model loads (:func:`mtrec.bundle.load_bundle`)."""
-        root = Path(path)
-        try:
-            manifest = json.loads((root / MANIFEST).read_text())
-            cfg = Config.from_dict(manifest["config"])
-            meta = FeatureMeta.from_json(json.loads((root / META).read_text()), str(root / META))
-        except (OSError, json.JSONDecodeError, KeyError, TypeError, MtrecError) as e:
-            raise BundleError(f"{root}: cannot read the bundle's {MANIFEST} and {META}: {e}") from e
-        return cls(cfg, meta)
+        """From a bundle directory's manifest and meta alone (no weights: the Ingress needs no model).
+        The checksums are checked where the model loads (:func:`mtrec.bundle.load_bundle`)."""
+        return cls(*read_description(Path(path)))
 
     def item_index(self, item_id: Any) -> int:
         """The catalog index of a raw item id (``"12"`` finds item 12 of an integer-id catalog); 0 if absent."""
         return self._item_index.get(_as_id(item_id, self._int_ids), 0)
 
-    def prepare(self, request: ScoreRequest) -> Prepared:
+    def prepare(self, request: ScoreRequest) -> IndexedRequest:
         """Map a request to model indexes (see the module docstring). RequestError on an unknown
         feature name or a cold item without text (for a model that reads text)."""
         meta = self.meta
@@ -203,7 +189,7 @@ class Catalog:
             context = self._context_index.get(text, -1)
             if context == -1:
                 texts.append(request.context)
-        return Prepared(user, user_cat, user_num, history, items, cold_id_rows, context, inter_num, texts)
+        return IndexedRequest(user, user_cat, user_num, history, items, cold_id_rows, context, inter_num, texts)
 
 
 class Scorer:
@@ -214,7 +200,7 @@ class Scorer:
     """
 
     def __init__(self, bundle: Bundle) -> None:
-        self.catalog = Catalog(bundle.cfg, bundle.meta)
+        self.catalog = Catalog(bundle.cfg, bundle.meta, bundle.fusion_scales)
         self.tasks = self.catalog.tasks
         self._model: MultiTaskModel = serving_model(bundle)
         self._num_items = bundle.meta.num_items
@@ -222,8 +208,8 @@ class Scorer:
         self._device = next(self._model.parameters()).device
 
     @torch.no_grad()
-    def predict(self, jobs: Sequence[tuple[Prepared, np.ndarray | None]]) -> list[dict[str, np.ndarray]]:
-        """Prepared requests and the vectors ``(len(p.texts), D)`` of their texts -> per request
+    def predict(self, jobs: Sequence[tuple[IndexedRequest, np.ndarray | None]]) -> list[dict[str, np.ndarray]]:
+        """Indexed requests and the vectors ``(len(p.texts), D)`` of their texts -> per request
         ``{task: (N,) float32}``, all in one forward."""
         preds = self._model(*self.inputs(jobs))
         out, start = [], 0
@@ -234,7 +220,7 @@ class Scorer:
         return out
 
     def inputs(
-        self, jobs: Sequence[tuple[Prepared, np.ndarray | None]]
+        self, jobs: Sequence[tuple[IndexedRequest, np.ndarray | None]]
     ) -> tuple[dict[str, Tensor], ExtraItems | None, Tensor | None]:
         """The model's arguments for :meth:`predict`: the batch (one row per candidate, requests one
         after the other, in the layout of :func:`mtrec.features.collate`), the cold items and the
@@ -292,37 +278,6 @@ class Scorer:
             raise RequestError("this request has texts to encode (cold items or a new context) but no embedder")
         return self.predict([(p, embed(p.texts) if p.texts else None)])[0]
 
-    def reference_scales(self, seed: int = 0) -> dict[str, float]:
-        """The fusion scale of each task (:func:`mtrec.fusion.fit_scales`): its mean prediction over
-        :data:`SCALE_SAMPLE` random (known user, catalog item) pairs without history; 1.0 for a task
-        whose mean is not positive (a regression task centred on zero)."""
-        rng = np.random.default_rng(seed)
-        meta = self.catalog.meta
-        users = rng.integers(1, max(len(meta.users.values), 1) + 1, SCALE_SAMPLE)
-        items = rng.integers(1, self._num_items + 1, SCALE_SAMPLE)
-        jobs = []
-        for u, i in zip(users, items):
-            p = Prepared(
-                int(u),
-                np.zeros(len(meta.user_cat), np.int64),
-                np.zeros(len(meta.user_num), np.float32),
-                np.zeros(meta.max_history, np.int64),
-                np.array([i], np.int64),
-                np.zeros(0, np.int64),
-                0,
-                np.zeros((1, len(meta.inter_num)), np.float32),
-                [],
-            )
-            jobs.append((p, None))
-        preds = self.predict(jobs)
-        scales = {}
-        for t in self.tasks:
-            try:
-                scales.update(fit_scales({t: np.concatenate([p[t] for p in preds])}))
-            except ValueError:
-                scales[t] = 1.0
-        return scales
-
 
 def serving_model(bundle: Bundle) -> MultiTaskModel:
     """The bundle's model for serving, in eval mode. Finetune mode: item (and context) text vectors come
@@ -346,108 +301,6 @@ def _frozen(text: TextVectors, table: Tensor) -> TextVectors:
     view.mean.copy_(text.mean)
     view.std.copy_(text.std)
     return view
-
-
-class TextVectorCache:
-    """An LRU of text vectors, keyed by the sha256 of the cleaned text (:func:`mtrec.encoders.clean_text`),
-    so texts differing only in whitespace or control characters share an entry."""
-
-    def __init__(self, capacity: int = 10_000, max_chars: int = 2000) -> None:
-        if capacity < 0:
-            raise ValueError(f"TextVectorCache capacity {capacity} must be >= 0")
-        self._capacity = capacity
-        self._max_chars = max_chars
-        self._entries: OrderedDict[bytes, np.ndarray] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get_or_encode(self, texts: Sequence[str], encode: Callable[[list[str]], np.ndarray]) -> np.ndarray:
-        """``(N, D) float32``: cached vectors, and ``encode(missing texts) -> (M, D)`` for the rest
-        (each distinct missing text encoded once, then cached)."""
-        keys = [hashlib.sha256(clean_text(t, self._max_chars).encode()).digest() for t in texts]
-        missing: dict[bytes, str] = {}
-        for k, t in zip(keys, texts):
-            if k in self._entries:
-                self._entries.move_to_end(k)
-                self.hits += 1
-            elif k not in missing:
-                missing[k] = t
-        found = {k: self._entries[k] for k in keys if k in self._entries}
-        if missing:
-            self.misses += len(missing)
-            vectors = np.asarray(encode(list(missing.values())), dtype=np.float32)
-            for k, v in zip(missing, vectors):
-                found[k] = v
-                self._entries[k] = v
-            while len(self._entries) > self._capacity:
-                self._entries.popitem(last=False)
-        if not keys:
-            return np.zeros((0, 0), np.float32)
-        return np.stack([found[k] for k in keys])
-
-
-class FeedbackLedger:
-    """What each recent request served, so feedback is attributed to its arm and counted once.
-
-    ``request_id -> (arm, served item ids, events already counted)``, for ``ttl_s`` seconds and at most
-    ``max_requests`` requests (the oldest go first): memory stays bounded whatever the traffic.
-    Feedback for a forgotten request is refused like an unknown one.
-    """
-
-    def __init__(self, ttl_s: float = 3600.0, max_requests: int = 100_000, clock: Callable[[], float] = time.monotonic):
-        self._ttl_s = ttl_s
-        self._max = max_requests
-        self._clock = clock
-        self._served: OrderedDict[str, tuple[float, str, frozenset[str], set[tuple[str, str]]]] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._served)
-
-    def remember(self, request_id: str, arm: str, items: Sequence[Any]) -> None:
-        """``items``: the ids served (compared as strings, as JSON clients may send either)."""
-        now = self._clock()
-        self._served[request_id] = (now + self._ttl_s, arm, frozenset(map(str, items)), set())
-        while self._served:
-            oldest = next(iter(self._served.values()))
-            if len(self._served) <= self._max and oldest[0] > now:
-                break
-            self._served.popitem(last=False)
-
-    def record(self, request_id: str, item_id: Any, tasks: Sequence[str]) -> tuple[str, list[str], list[str]]:
-        """``(arm, tasks new for this request and item, tasks already counted)``; LookupError naming
-        the request or item when the request is unknown (or expired) or did not serve the item."""
-        entry = self._served.get(request_id)
-        if entry is None or entry[0] <= self._clock():
-            raise LookupError(f"request_id {request_id!r}: no such request served in the last {self._ttl_s:g} s")
-        _, arm, items, counted = entry
-        item = str(item_id)
-        if item not in items:
-            raise LookupError(f"item_id {item_id!r} was not served in request {request_id!r}")
-        new = [t for t in tasks if (item, t) not in counted]
-        counted.update((item, t) for t in new)
-        return arm, new, [t for t in tasks if t not in new]
-
-
-def choose_arm(request_id: str, traffic: Mapping[str, float]) -> str:
-    """The weight arm that serves ``request_id``: a deterministic hash of the id into [0, 1) against the
-    cumulative traffic shares of the arms in name order (shares need not sum to 1; they are normalised).
-    The same id always gets the same arm, and over many ids each arm gets its share."""
-    shares = [(arm, float(s)) for arm, s in sorted(traffic.items())]
-    bad = [(a, s) for a, s in shares if not math.isfinite(s) or s < 0]
-    total = sum(s for _, s in shares)
-    if not shares or bad or total <= 0:
-        raise ValueError(f"traffic {dict(traffic)}: shares must be finite, >= 0 and sum to more than 0")
-    digest = hashlib.blake2b(request_id.encode(), digest_size=8).digest()
-    u = int.from_bytes(digest, "little") / 2**64 * total
-    cumulative = 0.0
-    for arm, s in shares:
-        cumulative += s
-        if u < cumulative:
-            return arm
-    return next(a for a, s in reversed(shares) if s > 0)  # u rounded up to the total
 
 
 def _as_id(raw: Any, integer: bool) -> Any:

@@ -1,0 +1,171 @@
+"""app/demo.py and its console, progress and summary: the pieces of `mtrec demo` that need no Ray cluster."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from mtrec.config import load_preset
+from mtrec.io import OUTPUT_MARKER
+from mtrec_app import demo
+from mtrec_app.console import Console
+from mtrec_app.summary import RULE, changed_settings, summary_lines
+
+
+def terminal_view(raw: str) -> list[str]:
+    """What a terminal shows of ``raw``: each line as its last ``\\r`` redraw left it (erased lines gone)."""
+    shown = [line.split("\r")[-1].replace("\033[K", "") for line in raw.split("\n")]
+    return [line for line in shown if line]
+
+
+@pytest.mark.parametrize("trials", ["0", "5"])
+def test_the_demo_search_stays_short(trials, capsys):
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--trials", trials])
+    assert f"--trials: {trials}: the demo's search runs 1 to {demo.MAX_TRIALS} trials" in capsys.readouterr().err
+
+
+def test_the_demo_refuses_a_folder_it_did_not_write(tmp_path):
+    """`mtrec demo --out DIR` on the user's own folder: exit 2, one line naming it, before Ray starts
+    (well within 5 s), and every file left as it was."""
+    mine = tmp_path / "mine"
+    (mine / "notes").mkdir(parents=True)
+    (mine / "notes" / "plan.txt").write_text("keep me")
+    (mine / "train").mkdir()  # a name the demo writes, still the user's here
+    start = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "mtrec_app.cli", "demo", "--quick", "--out", str(mine)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert time.monotonic() - start < 5
+    assert done.stdout == "" and len(done.stderr.splitlines()) == 1, done.stderr
+    assert str(mine) in done.stderr and "--force" in done.stderr
+    assert sorted(p.relative_to(mine).as_posix() for p in mine.rglob("*")) == ["notes", "notes/plan.txt", "train"]
+    assert (mine / "notes" / "plan.txt").read_text() == "keep me"
+
+
+def test_an_earlier_demo_is_replaced_and_forced_writes_keep_other_files(tmp_path):
+    earlier = tmp_path / "earlier"
+    (earlier / "tune" / "ray").mkdir(parents=True)
+    (earlier / OUTPUT_MARKER).touch()
+    (earlier / "summary.json").write_text("{}")
+    assert demo.claim(earlier, force=False) == earlier.resolve()
+    assert sorted(p.name for p in earlier.iterdir()) == [OUTPUT_MARKER]  # a fresh start: no search to resume
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "plan.txt").write_text("keep me")
+    demo.claim(theirs, force=True)
+    assert (theirs / "plan.txt").read_text() == "keep me" and (theirs / OUTPUT_MARKER).exists()
+
+
+def test_a_bar_on_a_terminal_redraws_in_place_and_leaves_only_the_lines():
+    out = io.StringIO()
+    console = Console(out, tty=True, name="demo")
+    with console.bar("training", 2, "epochs") as bar:
+        bar.set(1)
+        console.line("   epoch 1/2")
+        bar.set(2)
+        console.line("   epoch 2/2")
+    console.line("after")
+    assert "\r" in out.getvalue() and "[############............] 1/2 epochs" in out.getvalue()
+    assert terminal_view(out.getvalue()) == ["   epoch 1/2", "   epoch 2/2", "after"]
+
+
+def test_without_a_terminal_there_is_no_bar_only_lines():
+    out = io.StringIO()
+    console = Console(out, tty=False, name="demo")
+    with console.bar("training", 2, "epochs") as bar:
+        bar.set(1)
+        console.line("   epoch 1/2")
+    console.say("4/6 serve")
+    assert "\r" not in out.getvalue() and "\033" not in out.getvalue()
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "   epoch 1/2" and re.fullmatch(r"\[demo \d\d:\d\d:\d\d\] 4/6 serve", lines[1])
+
+
+def test_changed_settings_lists_every_setting_the_best_trial_changed():
+    base = load_preset("synthetic-ecommerce")
+    base.tasks = []
+    best = load_preset("synthetic-ecommerce").override(["train.lr=0.004", "train.weighting=dwa"])
+    best.train.weighting_params = {"temperature": 2.5}
+    assert changed_settings(base, best) == {
+        "train.lr": [base.train.lr, 0.004],
+        "train.weighting": ["static", "dwa"],
+        "train.weighting_params.temperature": [None, 2.5],
+    }
+
+
+def test_the_summary_block_puts_the_served_auc_beside_the_oracle(tmp_path):
+    s = {
+        "seconds": 200.0,
+        "served_run": str(tmp_path / "tune" / "result" / "best"),
+        "served_from": "tune",
+        "test_auc": {"click": 0.712, "purchase": 0.731},
+        "oracle_auc": {"click": 0.745, "purchase": 0.780},
+        "tune": {
+            "trials": 2,
+            "best": "ab12c_00001",
+            "best_score": 0.7213,
+            "baseline": "ab12c_00000",
+            "baseline_score": 0.719,
+            "changed": {"train.lr": [0.002, 0.0043], "train.weighting": ["static", "dwa"]},
+        },
+        "serving": {"requests": 300, "failed": 0, "p50_ms": 40.0, "p99_ms": 120.0},
+        "weights_before": {"click": 0.5, "purchase": 0.5},
+        "weights_after": {"click": 0.4, "purchase": 0.6},
+        "controller_reason": "purchase rate below target",
+        "plots": [str(tmp_path / "weights.png")],
+        "log": str(tmp_path / "logs" / "demo.log"),
+    }
+    lines = summary_lines(s, tmp_path)
+    assert lines[0] == lines[-1] == RULE
+    assert "served model: tune's best trial #2 (tune/result/best)" in lines
+    assert "  click            0.712   0.745" in lines and "  purchase         0.731   0.780" in lines
+    assert "tuning: 2 trials; best #2, mean valid AUC 0.7213; equal weights #1: 0.7190" in lines
+    assert "  #2 changed: train.lr 0.002 -> 0.0043, train.weighting static -> dwa" in lines
+
+
+def test_a_trial_stopped_early_says_so_and_spends_its_share_of_the_bar():
+    from mtrec_app.progress import TrialLines
+
+    out = io.StringIO()
+    console = Console(out, tty=False, name="demo")
+    with console.bar("trials", 4, "epochs of all trials") as bar:
+        lines = TrialLines(console, bar, epochs=2, score_name="mean valid AUC")
+        base = {"trial_id": "ab12c_00000", "weighting": "static", "equal": True}
+        other = {"trial_id": "ab12c_00001", "weighting": "dwa", "equal": False}
+        lines({**base, "epoch": 1, "score": 0.70})
+        lines({**other, "epoch": 1, "score": 0.60})
+        lines({**other, "done": "finished"})
+        lines({**base, "epoch": 2, "score": 0.72})
+        lines({**base, "done": "finished"})
+        assert bar.render().split("]")[1].startswith(" 4/4")
+    assert out.getvalue().splitlines() == [
+        "   trial #2 dwa: best mean valid AUC 0.6000, 1/2 epochs, stopped early",
+        "   trial #1 static (equal weights): best mean valid AUC 0.7200, 2/2 epochs",
+    ]
+
+
+def test_ctrl_c_during_the_demo_search_stops_the_demo(tmp_path, monkeypatch):
+    """Tune's own SIGINT handler ends the search early (SearchInterrupted, which `mtrec tune` answers
+    with "run again to resume"); the demo, which starts afresh every time, stops as on any Ctrl-C."""
+    from mtrec_app import progress
+    from mtrec_tune import search
+
+    def interrupted(*args, **kwargs):
+        raise search.SearchInterrupted("search stopped with 1 of 2 trials unfinished")
+
+    monkeypatch.setattr(search, "run_search", interrupted)
+    monkeypatch.setattr(progress, "feed", lambda handle: contextlib.nullcontext())  # no Ray queue without Ray
+    with pytest.raises(KeyboardInterrupt):
+        demo.stage_tune(tmp_path, tmp_path, dict(demo.QUICK), Console(io.StringIO(), tty=False, name="demo"))

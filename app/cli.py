@@ -12,9 +12,9 @@ import argparse
 import importlib
 import os
 import sys
-from importlib.metadata import version
 from pathlib import Path
 
+import mtrec
 from mtrec.cli_help import HelpFormatter
 from mtrec.errors import MtrecError
 
@@ -37,8 +37,6 @@ CONVERTERS = {
     "kuairand": ("mtrec.data.kuairand", "convert", "KuaiRand log_standard_*.csv folder"),
 }
 
-SCENARIOS = ("ecommerce", "social", "search")
-
 
 def _out_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -55,6 +53,8 @@ def _out_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _data_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from mtrec.data.synthetic import SCENARIOS  # numpy and pyarrow: not for the Ray commands' start-up
+
     parser = sub.add_parser(
         "data",
         help="build, convert and validate datasets",
@@ -141,7 +141,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         epilog="`mtrec COMMAND --help` describes a command",
         formatter_class=HelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {version('ray-mtrec')}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {mtrec.__version__}")
     sub = parser.add_subparsers(dest="cmd", metavar="COMMAND")
     data = _data_parser(sub)
     for name, (_, help_) in PASSTHROUGH.items():

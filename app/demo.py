@@ -263,7 +263,6 @@ def run_demo(args: argparse.Namespace, out: Path, console: Console) -> dict[str,
     t0 = time.perf_counter()
     with ExitStack() as stack:
         stack.enter_context(local_ray(args.address, num_cpus=args.num_cpus, export_metrics=True))
-        stack.callback(_shutdown_serve)  # before Ray stops (the stack unwinds in reverse)
         prom_url = None
         if shutil.which(os.environ.get("MTREC_PROMETHEUS", "prometheus")) and not args.no_prometheus:
             config = write_prometheus_config(
@@ -275,6 +274,7 @@ def run_demo(args: argparse.Namespace, out: Path, console: Console) -> dict[str,
             console.say(f"0/6 prometheus: {prom_url} scraping Ray's metrics every 2 s")
         else:
             console.say("0/6 prometheus: not installed; the controller scrapes Ray's metrics endpoint directly")
+        stack.callback(_shutdown_serve)  # first of all (the stack unwinds in reverse): its controller reads the rest
 
         data = stage_data(out, size, args.seed, console)
         trained = stage_train(data, out, size, console)

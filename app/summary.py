@@ -97,12 +97,12 @@ def summary_lines(s: dict[str, Any], out: Path) -> list[str]:
     versus = f"; equal weights {trial_label(t['baseline'])}: {t['baseline_score']:.4f}" if t["baseline"] else ""
     lines.append(f"tuning: {t['trials']} trials; best {best}, mean valid AUC {t['best_score']:.4f}{versus}")
     changes = ", ".join(f"{k} {_value(a)} -> {_value(b)}" for k, (a, b) in t["changed"].items()) or "nothing"
-    lines += textwrap.wrap(f"{best} changed: {changes}", 100, initial_indent="  ", subsequent_indent="    ")
+    lines += textwrap.wrap(f"{best} changed: {changes}", 120, initial_indent="  ", subsequent_indent="    ")
     v = s["serving"]
     lines += [
         f"serving: {v['requests']} requests, {v['failed']} failed, p50 {v['p50_ms']:.0f} ms, p99 {v['p99_ms']:.0f} ms",
-        "fusion weights before: " + ", ".join(f"{k} {w:.3f}" for k, w in s["weights_before"].items()),
-        "fusion weights after:  " + ", ".join(f"{k} {w:.3f}" for k, w in s["weights_after"].items()),
+        "fusion weights, before -> after traffic: "
+        + ", ".join(f"{k} {w:.3f} -> {s['weights_after'][k]:.3f}" for k, w in s["weights_before"].items()),
         f"controller: {s['controller_reason']}",
         f"plots in {out}: " + ", ".join(str(Path(p).relative_to(out)) for p in s["plots"]),
         f"Ray's, Tune's and Serve's own output: {s['log']}",

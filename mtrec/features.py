@@ -48,6 +48,7 @@ from mtrec.data.contract import (
     SPLITS,
     USERS,
     Problem,
+    is_numeric_type,
     load_table,
     read_tasks,
     task_problems,
@@ -273,7 +274,9 @@ def prepare_examples(data_dir: str | Path, cfg: Config, out_dir: str | Path) -> 
     inter_cols = [
         c
         for c in inter.column_names
-        if c not in RESERVED_INTERACTION_COLUMNS and c not in label_names and _is_numeric(inter.schema.field(c).type)
+        if c not in RESERVED_INTERACTION_COLUMNS
+        and c not in label_names
+        and is_numeric_type(inter.schema.field(c).type)
     ]
     history_task = next((t.name for t in tasks if t.kind == "binary"), None)
     positive = labels[history_task] == 1 if history_task else np.ones(inter.num_rows, dtype=bool)
@@ -386,10 +389,6 @@ def _side_columns(table: pa.Table | None, id_col: str) -> tuple[dict[str, Vocab]
         elif pa.types.is_floating(f.type) or pa.types.is_boolean(f.type):
             num.append(f.name)
     return cat, num
-
-
-def _is_numeric(t: pa.DataType) -> bool:
-    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
 
 
 def _float(col: pa.ChunkedArray) -> np.ndarray:

@@ -257,7 +257,8 @@ def _is_id_type(t: pa.DataType) -> bool:
     return pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
 
 
-def _is_label_type(t: pa.DataType) -> bool:
+def is_numeric_type(t: pa.DataType) -> bool:
+    """Integer, floating or bool: a label column, or a numeric feature column."""
     return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
 
 
@@ -359,7 +360,7 @@ def _check_dependencies(t: pa.Table, file: str, tasks: list[TaskSpec]) -> list[P
         if parent is None or not {task.label, parent.label} <= set(t.column_names):
             continue
         child_col, parent_col = t.column(task.label), t.column(parent.label)
-        if not (_is_label_type(child_col.type) and _is_label_type(parent_col.type)):
+        if not (is_numeric_type(child_col.type) and is_numeric_type(parent_col.type)):
             continue  # the label checks report the type
         child, par = pc.cast(child_col, pa.float64()), pc.cast(parent_col, pa.float64())
         bad = pc.sum(pc.fill_null(pc.and_(pc.greater(child, 0.0), pc.equal(par, 0.0)), False)).as_py() or 0
@@ -386,7 +387,7 @@ def _check_label(t: pa.Table, file: str, task: TaskSpec) -> list[Problem]:
     if task.label not in t.column_names:
         return [Problem(file, task.label, None, f"label column of task {task.name!r} is missing")]
     col = t.column(task.label)
-    if not _is_label_type(col.type):
+    if not is_numeric_type(col.type):
         return [Problem(file, task.label, t.num_rows, f"label must be numeric, found {col.type}")]
     if pa.types.is_boolean(col.type):
         return []

@@ -1,4 +1,4 @@
-"""Language-model text encoders: any Hugging Face model (encoder or decoder-only), loaded offline,
+"""Language-model text encoders: any Hugging Face model (encoder or decoder-only), local or from the hub,
 pooled to one vector per text, with vector caches (on disk, in memory) and LoRA adapters for fine-tuning."""
 
 from mtrec.encoders.cache import RecentVectors, VectorStore, encode_cached

@@ -205,6 +205,22 @@ def test_an_empty_split_is_a_warning_not_an_error(dataset):
     ]
 
 
+def test_write_dataset_never_replaces_a_directory_it_did_not_write(tmp_path):
+    from mtrec.io import OUTPUT_MARKER, OutputError
+
+    inter, items, users = _tables()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "interactions.parquet").write_text("the user's own")
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="interactions.parquet, notes.txt"):
+        write_dataset(mine, inter, items, TASK_LIST, users=users)
+    assert (mine / "interactions.parquet").read_text() == "the user's own"
+    write_dataset(mine, inter, items, TASK_LIST, users=users, force=True)
+    assert validate(mine) == [] and (mine / "notes.txt").read_text() == "mine"  # same names replaced, others kept
+    assert not (mine / OUTPUT_MARKER).exists() and sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
 def test_failed_write_leaves_nothing_and_keeps_the_old_output(tmp_path, dataset):
     before = sorted(p.name for p in dataset.iterdir())
     inter, items, _ = _tables()

@@ -133,6 +133,31 @@ def test_the_summary_block_puts_the_served_auc_beside_the_oracle(tmp_path):
     assert "  click            0.712   0.745" in lines and "  purchase         0.731   0.780" in lines
     assert "tuning: 2 trials; best #2, mean valid AUC 0.7213; equal weights #1: 0.7190" in lines
     assert "  #2 changed: train.lr 0.002 -> 0.0043, train.weighting static -> dwa" in lines
+    assert "fusion weights, before -> after traffic: click 0.500 -> 0.400, purchase 0.500 -> 0.600" in lines
+
+
+def test_the_full_demo_fits_in_40_terminal_lines(tmp_path):
+    """The integration test counts the quick demo's lines; the full one adds epochs and trials. Its
+    widest summary: a static best trial that changed every task's weight and the learning rate."""
+    tasks = ["click", "add_to_cart", "purchase", "ad_click"]
+    changed = {f"tasks.{t}.loss_weight": [1.0, 0.123456] for t in tasks} | {"train.lr": [0.002, 0.00431234]}
+    s = {
+        "seconds": 600.0,
+        "served_run": str(tmp_path / "train"),
+        "served_from": "train",
+        "test_auc": dict.fromkeys(tasks, 0.7),
+        "oracle_auc": dict.fromkeys(tasks, 0.8),
+        "tune": {"trials": 4, "best": "ab12c_00003", "best_score": 0.7, "baseline": None, "changed": changed},
+        "serving": {"requests": 1500, "failed": 0, "p50_ms": 40.0, "p99_ms": 120.0},
+        "weights_before": dict.fromkeys(tasks, 0.25),
+        "weights_after": dict.fromkeys(tasks, 0.25),
+        "controller_reason": "rates {purchase: 0.04612} vs targets {purchase: 0.07687}: purchase 0.899->0.900",
+        "plots": [str(tmp_path / "weights.png")],
+        "log": str(tmp_path / "logs" / "demo.log"),
+    }
+    # the output-folder line, a line per stage (0-5), the encoding line, --keep-serving's line
+    stages = 1 + 6 + 1 + demo.FULL["epochs"] + demo.FULL["trials"] + demo.ROUNDS + 1
+    assert stages + len(summary_lines(s, tmp_path)) <= 40
 
 
 def test_a_trial_stopped_early_says_so_and_spends_its_share_of_the_bar():

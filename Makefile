@@ -20,11 +20,12 @@ lint: setup
 test: setup system-deps lint
 	$(VENV) python -m pytest -q -ra tests
 
+# the fast tier: unit tests without the slow ones (real language models, training for more than a few seconds)
 unit: setup
-	$(VENV) python -m pytest -q tests/unit
+	$(VENV) python -m pytest -q -m "not slow" tests/unit
 
 integration: setup system-deps
-	$(VENV) python -m pytest -q tests/integration
+	$(VENV) python -m pytest -q -ra tests/integration
 
 bench: setup
 	$(VENV) python -m bench

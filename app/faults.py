@@ -34,7 +34,8 @@ BAD_MODES = ("not-json", "error-status", "wrong-shape", "nan", "negative", "http
 class FakePrometheus:
     """An HTTP server on a free 127.0.0.1 port answering ``/api/v1/query`` as set by ``mode``.
 
-    ``good``: the impressions and events counters of arm ``main`` of ``app`` (growing at every read);
+    ``good``: the impressions and events counters of arm ``main`` of deployment ``app`` (growing at
+    every read, each sample timestamped now);
     one of :data:`BAD_MODES`: a misbehaving server (``slow`` answers after ``slow_s``). ``reads``
     counts the queries answered. Use as a context manager, or call :meth:`close`.
     """
@@ -72,21 +73,24 @@ class FakePrometheus:
         self._thread.start()
 
     def _answer(self, name: str, events_name: str, app: str, tasks: list[str]) -> tuple[int, bytes]:
+        from mtrec_serve.metrics import DEPLOYMENT_LABEL
+
         mode, n = self.mode, self.reads
         if mode == "not-json":
             return 200, b"<html>upstream proxy error</html>"
         if mode == "error-status":
             return 200, b'{"status": "error", "errorType": "timeout", "error": "query timed out"}'
         if mode == "wrong-shape":
-            return 200, b'{"status": "success", "data": {"resultType": "matrix", "result": {}}}'
+            return 200, b'{"status": "success", "data": {"resultType": "vector", "result": {}}}'
         if mode == "http-500":
             return 500, b'{"status": "error"}'
         value = {"nan": "NaN", "negative": "-5"}.get(mode, str(100 * n))
         labels = [{"arm": "main"}] if name != events_name else [{"arm": "main", "task": t} for t in tasks]
         result = [
-            {"metric": {"__name__": name, "application": app, **lab}, "value": [time.time(), value]} for lab in labels
+            {"metric": {"__name__": name, DEPLOYMENT_LABEL: app, **lab}, "values": [[time.time(), value]]}
+            for lab in labels
         ]
-        return 200, json.dumps({"status": "success", "data": {"resultType": "vector", "result": result}}).encode()
+        return 200, json.dumps({"status": "success", "data": {"resultType": "matrix", "result": result}}).encode()
 
     def close(self) -> None:
         self._server.shutdown()

@@ -40,7 +40,6 @@ class TrafficReport:
     latencies_ms: list[float] = field(default_factory=list)
     impressions: int = 0
     events: dict[str, int] = field(default_factory=dict)
-    arms: dict[str, int] = field(default_factory=dict)  # arm -> requests it served
     feedback_failed: int = 0
     seconds: float = 0.0
 
@@ -62,7 +61,6 @@ class TrafficReport:
             latencies_ms=[v for r in reports for v in r.latencies_ms],
             impressions=sum(r.impressions for r in reports),
             events=added("events"),
-            arms=added("arms"),
             feedback_failed=sum(r.feedback_failed for r in reports),
             seconds=sum(r.seconds for r in reports),
         )
@@ -81,7 +79,6 @@ class TrafficReport:
             "impressions": self.impressions,
             "events": dict(self.events),
             "rates": {t: n / max(1, self.impressions) for t, n in self.events.items()},
-            "arms": dict(self.arms),
         }
 
 
@@ -169,7 +166,6 @@ class SimulatedUsers:
                 report.errors[key] = report.errors.get(key, 0) + 1
                 return
             report.latencies_ms.append(ms)
-            report.arms[body["arm"]] = report.arms.get(body["arm"], 0) + 1
         for shown in body["items"]:
             events = self._draw(row_of[shown["item_id"]])
             with self._lock:

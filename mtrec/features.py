@@ -133,6 +133,9 @@ class FeatureMeta:
     item_texts: list[str] | None = None
     item_cat_values: np.ndarray | None = None  # (num_items + 1, len(item_cat)) int64
     item_num_values: np.ndarray | None = None  # (num_items + 1, len(item_num)) float32
+    # regression task -> train (min, max): serving refuses feedback outside it. Empty in a meta written
+    # before ranges were stored; serving then refuses that task's feedback and asks for a retrain.
+    label_range: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def num_items(self) -> int:
@@ -157,6 +160,7 @@ class FeatureMeta:
             "item_cat": {k: vocab(v) for k, v in self.item_cat.items()},
             "item_num": self.item_num,
             "label_stats": self.label_stats,
+            "label_range": self.label_range,
             "max_history": self.max_history,
             "history_task": self.history_task,
             "counts": self.counts,
@@ -183,6 +187,7 @@ class FeatureMeta:
             item_cat={k: vocab(v) for k, v in d["item_cat"].items()},
             item_num=pair(d["item_num"]),
             label_stats=pair(d["label_stats"]),
+            label_range=pair(d.get("label_range", {})),
             max_history=int(d["max_history"]),
             history_task=d["history_task"],
             counts={k: int(v) for k, v in d["counts"].items()},
@@ -338,6 +343,7 @@ def prepare_examples(data_dir: str | Path, cfg: Config, out_dir: str | Path) -> 
         item_cat=item_cat,
         item_num=item_num,
         label_stats={t.name: _stats(labels[t.name][train]) for t in tasks if t.kind == "regression"},
+        label_range={t.name: _range(labels[t.name][train]) for t in tasks if t.kind == "regression"},
         max_history=cfg.data.max_history,
         history_task=history_task,
         counts={s: int((split == s).sum()) for s in SPLITS},
@@ -405,6 +411,12 @@ def _stats(x: np.ndarray) -> tuple[float, float]:
         return 0.0, 1.0
     std = float(x.std())
     return float(x.mean()), std if std > 0 else 1.0
+
+
+def _range(x: np.ndarray) -> tuple[float, float]:
+    """``(min, max)`` of the finite values (``(0, 0)`` when there are none)."""
+    x = x[np.isfinite(x)]
+    return (float(x.min()), float(x.max())) if len(x) else (0.0, 0.0)
 
 
 def standardise(x: np.ndarray, stats: tuple[float, float]) -> np.ndarray:

@@ -15,6 +15,11 @@ it. Embedder and TaskHeads autoscale with the defaults of :data:`mtrec_serve.con
 config's ``deployments`` override them). The controller reads feedback from Prometheus when
 ``prometheus_url`` is given, else by scraping Ray's metrics endpoint (``metrics_url``, or the head
 node's export port when Ray runs here).
+
+Every metric the app emits carries its deployment id (``deployment_id``; default: derived from the
+Kubernetes namespace and the Serve application name, :func:`mtrec_serve.metrics.deployment_id`), the
+controller reads only that deployment's series and keeps its state in a file of its own
+(:func:`mtrec_serve.controller.state_file`): deployments sharing a Prometheus or a volume stay apart.
 """
 
 from __future__ import annotations
@@ -25,11 +30,13 @@ from typing import Any
 
 import ray
 import ray.serve
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mtrec.bundle import load_bundle
 from mtrec.errors import ConfigError
 from mtrec_serve.config import AUTOSCALING
+from mtrec_serve.metrics import DEPLOYMENT_ID
+from mtrec_serve.sources import DEFAULT_SCRAPE_INTERVAL_S
 
 logger = logging.getLogger("ray.serve")
 
@@ -42,10 +49,16 @@ class AppArgs(BaseModel):
     bundle: str  # the bundle directory training wrote (RUN/bundle)
     prometheus_url: str | None = None  # e.g. http://127.0.0.1:9090; None: scrape Ray's metrics endpoint
     metrics_url: str | None = None  # Ray's metrics endpoint to scrape (default: the head's export port)
+    # Prometheus's scrape interval of Ray's metrics targets: a sample older than twice this is stale
+    scrape_interval_s: float = Field(default=DEFAULT_SCRAPE_INTERVAL_S, gt=0)
+    # the label on every metric, the filter of every query and the state file's suffix; None: derived
+    # from the Kubernetes namespace and the Serve application name (mtrec_serve.metrics.deployment_id)
+    deployment_id: str | None = Field(default=None, pattern=f"^{DEPLOYMENT_ID.pattern}$")
     policy: str = "static"  # a name of mtrec.fusion.POLICIES
     policy_params: dict[str, Any] = Field(default_factory=dict)
     limits: dict[str, float] = Field(default_factory=dict)  # mtrec.fusion.Limits fields
-    state_path: str | None = None  # where the controller persists its state (None: not persisted)
+    # where the controller persists its state, with the deployment id before the suffix (None: not persisted)
+    state_path: str | None = None
     period_s: float = Field(default=10.0, gt=0)  # seconds between controller updates
     window_s: float = Field(default=60.0, gt=0)  # metrics window the controller reads
     max_candidates: int = Field(default=500, ge=1, le=10_000)
@@ -58,6 +71,15 @@ class AppArgs(BaseModel):
     # the task heads inside the Ingress replica: no TaskHeads deployment, no second hop per request
     # (small CPU models, where that hop costs more than the forward); default: the autoscaled TaskHeads
     heads_in_ingress: bool = False
+
+    @model_validator(mode="after")
+    def _window_holds_fresh_samples(self) -> AppArgs:
+        if self.prometheus_url and self.window_s < 2 * self.scrape_interval_s:
+            raise ValueError(
+                f"window_s={self.window_s:g} must be at least twice scrape_interval_s={self.scrape_interval_s:g}, "
+                "so that a fresh sample falls in the window the controller reads"
+            )
+        return self
 
 
 def build_app(args: dict[str, Any]) -> ray.serve.Application:
@@ -103,6 +125,7 @@ def graph(args: AppArgs, options: dict[str, dict[str, Any]] | None = None) -> ra
         state_path=args.state_path,
         period_s=args.period_s,
         window_s=args.window_s,
+        deployment_id=args.deployment_id,
     )
     return Ingress.options(**opts("Ingress")).bind(embedder, heads, controller, args.model_dump())
 
@@ -110,7 +133,7 @@ def graph(args: AppArgs, options: dict[str, dict[str, Any]] | None = None) -> ra
 def _source(args: AppArgs) -> dict[str, Any] | None:
     """The controller's metrics source: Prometheus, else a direct scrape of Ray's metrics endpoint."""
     if args.prometheus_url:
-        return {"kind": "prometheus", "url": args.prometheus_url}
+        return {"kind": "prometheus", "url": args.prometheus_url, "scrape_interval_s": args.scrape_interval_s}
     url = args.metrics_url or _head_metrics_url()
     if url is None:
         logger.warning("mtrec_serve.app: no Prometheus and no Ray metrics endpoint found: the weights will hold")

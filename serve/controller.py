@@ -4,15 +4,23 @@ Every ``period_s`` the controller reads one window of per-arm counts from its so
 (:mod:`mtrec_serve.sources`: a Prometheus server, or Ray's metrics endpoint directly), hands it to a pure
 policy of :mod:`mtrec.fusion` (static, proportional, target, bandit), persists the policy's state,
 publishes the weights, their staleness and the action as metrics (:mod:`mtrec_serve.metrics`) and logs
-each change with its reason. When the source fails (Prometheus down, garbage answers) the policy
-holds the last good weights and the staleness gauge rises; the Ingress keeps serving.
+each change with its reason. When the source fails (Prometheus down, garbage answers, samples older
+than twice the scrape interval) the policy holds the last good weights, the reading is counted in
+``mtrec_controller_rejected_reads{reason}`` and the staleness gauge (the age of the newest sample
+read) rises; the Ingress keeps serving.
 
-State (the policy's ``to_state()``, the decision version and the time of the last good read) is
+A tally or weight that is not finite is never used: the policy's state is kept before each update,
+and an update that leaves a number that is not finite anywhere in the policy (an overflowing tally,
+a NaN weight) is undone: the window is dropped, the last good weights hold, and the reading is
+counted as rejected (``non_finite``).
+
+State (the policy's ``to_state()``, the decision version and the time of the newest sample read) is
 written atomically (a temporary file renamed over the old one) after every step, and read back at
 start, so a replica that Serve restarts resumes where the old one was. A state file that is
 unreadable, or written for another configuration (policy, tasks, weights, parameters or limits), is
 logged, moved aside as ``STATE.rejected-<time>`` and replaced by a fresh policy: a bad file never
-stops the controller from starting (no crash loop), and nothing is lost for inspection.
+stops the controller from starting (no crash loop), and nothing is lost for inspection. Each
+deployment has its own state file (:func:`state_file`), and reads only its own series.
 
 :class:`ControlLoop` is the logic (no Ray: unit tests drive it with a fake source and clock);
 :class:`WeightController` is the Serve deployment of the agreed interface around it.
@@ -38,6 +46,7 @@ from mtrec.errors import ConfigError, check_names
 from mtrec.fusion import Decision, Limits, Observation, Policy, build_policy, restore_policy
 from mtrec.io import atomic_write_text
 from mtrec_serve import metrics as serve_metrics
+from mtrec_serve.metrics import deployment_id as resolve_deployment_id
 from mtrec_serve.sources import build_source, complete
 
 logger = logging.getLogger("ray.serve")  # Serve routes this logger to the replica's log file
@@ -47,7 +56,9 @@ HISTORY = 1000  # controller steps kept for history()
 
 
 class Source(Protocol):
-    problem: str | None
+    problem: str | None  # why the last read was stale
+    reason: str | None  # its kind, a mtrec_serve.metrics.REJECT_REASONS value
+    newest_sample_at: float | None  # Unix time of the newest sample read
 
     def read(self) -> Observation | None: ...
 
@@ -56,7 +67,7 @@ class ControlLoop:
     """The controller's logic: source -> policy -> state file -> metrics. See the module docstring.
 
     ``source`` None: no feedback, the weights hold. ``publish``: the metrics hooks (``set_weights``,
-    ``set_staleness``, ``record_update``), :mod:`mtrec_serve.metrics` by default.
+    ``set_staleness``, ``record_update``, ``record_rejected_read``), :mod:`mtrec_serve.metrics` by default.
     """
 
     def __init__(
@@ -94,9 +105,10 @@ class ControlLoop:
         if restored is None:
             seed = int(params.pop("seed", 0))
             self._policy: Policy = build_policy(policy, self._config["weights"], _limits(limits), seed, **params)
-            self._version, self._last_good, self._updated_at = 0, clock(), clock()
+            self._version, self._newest, self._updated_at = 0, None, clock()
         else:
-            self._policy, self._version, self._last_good, self._updated_at = restored
+            self._policy, self._version, self._newest, self._updated_at = restored
+        self._started = clock()  # the staleness until a first sample is read
         self._action, self._reason = self._policy.current.action, self._policy.current.reason
         self._publish_metrics(self._policy.current)
 
@@ -110,19 +122,17 @@ class ControlLoop:
         """Feed one reading to the policy, persist, publish and log; the decision in force after it."""
         now = self._clock()
         before = self._policy.current
+        rejected = None  # why this reading is refused (a REJECT_REASONS value)
         if self._source is None:
             action, reason = "hold", "no metrics source configured: weights held"
-        elif obs is None:
-            self._last_good = now
-            action, reason = "baseline", self._source.problem or "first read of the counters: baseline recorded"
         else:
-            obs = complete(obs, before.traffic, self._policy.tasks)
-            decision = self._policy.update(obs)
-            action, reason = decision.action, decision.reason
-            if obs.stale:
-                reason = f"hold: {self._source.problem or 'metrics are stale'}"
+            seen = self._source.newest_sample_at
+            if seen is not None:
+                self._newest = max(seen, self._newest if self._newest is not None else seen)
+            if obs is None:
+                action, reason = "baseline", self._source.problem or "first read of the counters: baseline recorded"
             else:
-                self._last_good = now
+                action, reason, rejected = self._update(complete(obs, before.traffic, self._policy.tasks))
         after = self._policy.current
         changed = after.weights != before.weights or after.traffic != before.traffic
         if changed:
@@ -139,7 +149,24 @@ class ControlLoop:
         self._save()
         self._publish_metrics(after)
         self._publish.record_update(action)
+        if rejected is not None:
+            self._publish.record_rejected_read(rejected)
         return self.decision()
+
+    def _update(self, obs: Observation) -> tuple[str, str, str | None]:
+        """The policy's step on ``obs``: ``(action, reason, why the reading was rejected or None)``.
+        An update that leaves a number that is not finite in the policy is undone (module docstring)."""
+        if obs.stale:
+            self._policy.update(obs)  # the policy holds (and keeps the hold in its history)
+            return "hold", f"hold: {self._source.problem or 'metrics are stale'}", self._source.reason or "stale"
+        before = self._policy.to_state()
+        decision = self._policy.update(obs)
+        problem = _non_finite(self._policy.to_state(), "policy")
+        if problem is None:
+            return decision.action, decision.reason, None
+        self._policy = restore_policy(before)
+        logger.error("WeightController: %s after reading %s; window dropped, weights held", problem, obs.to_dict())
+        return "hold", f"hold: {problem}; this window is dropped and the last good weights kept", "non_finite"
 
     def step(self) -> dict[str, Any]:
         """One control iteration now: read, then apply."""
@@ -165,7 +192,8 @@ class ControlLoop:
         return list(self._history)[-int(n) :] if n > 0 else []
 
     def staleness_s(self) -> float:
-        return max(0.0, self._clock() - self._last_good)
+        """The age of the newest sample read (since start-up until one is read)."""
+        return max(0.0, self._clock() - (self._newest if self._newest is not None else self._started))
 
     # ------------------------------------------------------------------------------ state and metrics
 
@@ -182,7 +210,7 @@ class ControlLoop:
             "format": STATE_FORMAT,
             "config": self._config,
             "version": self._version,
-            "last_good": self._last_good,
+            "last_good": self._newest,
             "updated_at": self._updated_at,
             "policy_state": self._policy.to_state(),
         }
@@ -192,7 +220,7 @@ class ControlLoop:
         except (OSError, ValueError) as e:
             logger.error("WeightController: could not write state %s: %s", path, e)
 
-    def _restore(self) -> tuple[Policy, int, float, float] | None:
+    def _restore(self) -> tuple[Policy, int, float | None, float] | None:
         """The policy and counters of the state file, or None (no file, or rejected: see the module docstring)."""
         path = self._state_path
         if path is None or not path.exists():
@@ -205,7 +233,8 @@ class ControlLoop:
                 diff = sorted(k for k in self._config if doc["config"].get(k) != self._config[k])
                 raise ConfigError(f"written for another configuration (differs in {', '.join(diff)})")
             policy = restore_policy(doc["policy_state"])
-            version, last_good, updated_at = int(doc["version"]), float(doc["last_good"]), float(doc["updated_at"])
+            version, updated_at = int(doc["version"]), float(doc["updated_at"])
+            last_good = None if doc["last_good"] is None else float(doc["last_good"])
         except (OSError, ValueError, KeyError, TypeError, AttributeError, ConfigError) as e:
             rejected = path.with_name(f"{path.name}.rejected-{int(self._clock())}")
             logger.error(
@@ -224,6 +253,29 @@ class ControlLoop:
         return policy, version, last_good, updated_at
 
 
+def _non_finite(value: Any, where: str) -> str | None:
+    """Where in ``value`` (JSON-like: dicts, lists, numbers) a number is not finite, e.g.
+    ``policy.state.tallies.main.events.dwell = inf``; None when every number is finite."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{where} = {value}"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for key, item in items:
+        problem = _non_finite(item, f"{where}.{key}")
+        if problem is not None:
+            return problem
+    return None
+
+
+def state_file(state_path: str | None, deployment_id: str) -> Path | None:
+    """Where deployment ``deployment_id``'s controller keeps its state: ``state_path`` with the id before
+    the suffix (``controller-state.json`` -> ``controller-state.<id>.json``), so deployments that share a
+    volume and a config never share (or overwrite) a state file; None when not persisted."""
+    if not state_path:
+        return None
+    path = Path(state_path)
+    return path.with_name(f"{path.stem}.{deployment_id}{path.suffix}")
+
+
 def _limits(limits: dict[str, float] | None) -> Limits:
     check_names("WeightController", limits or {}, [f.name for f in fields(Limits)], noun="limit")
     return Limits(**(limits or {}))
@@ -235,9 +287,11 @@ def _limits(limits: dict[str, float] | None) -> Limits:
 class WeightController:
     """The Serve deployment of the agreed interface: ``decision()``, ``step()``, ``history(n)``.
 
-    ``source``: ``{"kind": "prometheus", "url", "app"?}``, ``{"kind": "scrape", "url", "app"?}`` or
-    None (weights hold); ``app`` defaults to this replica's Serve application. ``window_s``: how far
-    back Prometheus may look for a series' latest sample (see :class:`mtrec_serve.sources.PrometheusSource`).
+    ``source``: ``{"kind": "prometheus", "url", "scrape_interval_s"?}``, ``{"kind": "scrape", "url"}`` or
+    None (weights hold) (see :func:`mtrec_serve.sources.build_source`). ``deployment_id``: whose series
+    count and whose state file this is (None: derived from this replica's Serve application, see
+    :func:`mtrec_serve.metrics.deployment_id`). ``window_s``: how far back Prometheus may look for a
+    series' latest sample (see :class:`mtrec_serve.sources.PrometheusSource`).
     """
 
     def __init__(
@@ -251,12 +305,23 @@ class WeightController:
         state_path: str | None = None,
         period_s: float = 10.0,
         window_s: float = 60.0,
+        deployment_id: str | None = None,
     ) -> None:
         if not (math.isfinite(period_s) and period_s > 0):
             raise ConfigError(f"WeightController: period_s={period_s!r} must be a positive number of seconds")
-        app = ray.serve.get_replica_context().app_name or None
+        try:
+            deployment = resolve_deployment_id(deployment_id, ray.serve.get_replica_context().app_name)
+        except ValueError as e:
+            raise ConfigError(f"WeightController: {e}") from e
+        serve_metrics.scope(deployment)  # before the control loop publishes its first metrics
         self._control = ControlLoop(
-            tasks, weights, policy, policy_params, limits, build_source(source, app, window_s), state_path
+            tasks,
+            weights,
+            policy,
+            policy_params,
+            limits,
+            build_source(source, deployment, window_s),
+            state_file(state_path, deployment),
         )
         self._period_s = float(period_s)
         self._lock = asyncio.Lock()  # one step at a time: the background loop and step() calls

@@ -5,7 +5,10 @@
 per-task predictions, picks the request's weight arm (:func:`mtrec.arms.choose_arm`) and ranks by the
 fused score (:func:`mtrec.fusion.rank`, each task divided by the fusion scale training stored in the
 bundle). ``POST /v1/score`` scores every candidate in request order.
-``POST /v1/feedback`` counts events per task and arm, once per (request, item, task). The weights come
+``POST /v1/feedback`` counts events per task and arm, once per (request, item, task); a regression
+event must lie within the range of the task's labels in training. Responses name no arm and no
+weights version: the arm is recorded server-side with the request, so a client cannot choose which
+arm its feedback moves (operators read the weights at ``GET /v1/weights``). The weights come
 from the ``WeightController``, refreshed in the background every :data:`DECISION_REFRESH_S`: the
 request path never waits for it, and a controller that is down leaves the last weights in force.
 
@@ -17,9 +20,12 @@ controller instead would add a round trip to every request. With several Ingress
 that reaches another replica is refused with a 404.
 
 Every client error is a 4xx with a message: malformed JSON, a wrong type, an unknown field, NaN
-(422), a configured limit (422), a body over ``max_body_bytes`` (413) or without a length (411), a
+(422), a configured limit or a feedback value out of range (422), a body over ``max_body_bytes`` (413) or without a length (411), a
 bad bearer token (401), an unknown request id (404). Model-side failures answer 503; a model call
-whose replica died is sent once more (to another replica) before that.
+whose replica died is sent once more (to another replica) before that. A score that is not a finite
+number is never answered (503): a 200 always carries numbers.
+
+Every metric the replica records carries the app's deployment id (:func:`mtrec_serve.metrics.scope`).
 """
 
 # No ``from __future__ import annotations`` here: FastAPI reads the endpoints' annotations at run
@@ -51,6 +57,7 @@ from mtrec_serve.schemas import (
     RecommendResponse,
     ScoreBody,
     ScoredItem,
+    check_events,
     check_limits,
 )
 
@@ -155,6 +162,14 @@ def _set_body_limit(max_bytes: int) -> None:
     SETTINGS.max_body_bytes = max_bytes
 
 
+def _finite(scores: np.ndarray, arm: str) -> np.ndarray:
+    """``scores``, or a 503 when one is not a finite number (JSON would carry it as null)."""
+    if not np.isfinite(scores).all():
+        logger.error("Ingress: fused scores not finite under arm %r: %s", arm, scores)
+        raise HTTPException(503, "the model produced a score that is not a finite number; retry later")
+    return scores
+
+
 @ray.serve.deployment(max_ongoing_requests=128, ray_actor_options={"num_cpus": 0.25})
 @ray.serve.ingress(api)
 class Ingress:
@@ -166,6 +181,12 @@ class Ingress:
         self._scorer = Scorer(load_bundle(args["bundle"])) if heads is None else None
         self._catalog = self._scorer.catalog if self._scorer is not None else Catalog.load(args["bundle"])
         self._tasks = {t.name: t for t in self._catalog.meta.tasks}
+        self._label_range = self._catalog.meta.label_range
+        try:
+            deployment = _metrics().deployment_id(args["deployment_id"], ray.serve.get_replica_context().app_name)
+        except ValueError as e:
+            raise ConfigError(f"Ingress: {e}") from e
+        _metrics().scope(deployment)
         self._max_candidates, self._max_text_chars = args["max_candidates"], args["max_text_chars"]
         _set_body_limit(args["max_body_bytes"])
         self._token: str | None = None
@@ -231,6 +252,7 @@ class Ingress:
         t = time.perf_counter()
         request_id, arm, weights = self._arm()
         best, scores = rank(preds, weights, body.k, self._catalog.fusion_scales)
+        scores = _finite(scores, arm)
         ids = [request.candidates[i].item_id for i in best]
         items = [
             ScoredItem(item_id=ids[n], score=float(scores[n]), predictions={k: float(v[i]) for k, v in preds.items()})
@@ -245,9 +267,7 @@ class Ingress:
         now = time.perf_counter()
         m.observe_latency("fuse", 1000 * (now - t))
         m.observe_latency("total", 1000 * (now - start))
-        return RecommendResponse(
-            request_id=request_id, arm=arm, weights_version=int(self._decision["version"]), items=items
-        )
+        return RecommendResponse(request_id=request_id, items=items)
 
     @api.post("/v1/score", response_model=RecommendResponse)
     async def score(self, body: ScoreBody, authorization: str | None = Header(None)) -> RecommendResponse:
@@ -256,27 +276,22 @@ class Ingress:
         request = body.request()
         preds, _ = await self._predict(request)
         request_id, arm, weights = self._arm()
-        scores = fuse(preds, weights, self._catalog.fusion_scales)
+        scores = _finite(fuse(preds, weights, self._catalog.fusion_scales), arm)
         items = [
             ScoredItem(
                 item_id=c.item_id, score=float(scores[i]), predictions={k: float(v[i]) for k, v in preds.items()}
             )
             for i, c in enumerate(request.candidates)
         ]
-        return RecommendResponse(
-            request_id=request_id, arm=arm, weights_version=int(self._decision["version"]), items=items
-        )
+        return RecommendResponse(request_id=request_id, items=items)
 
     @api.post("/v1/feedback", response_model=FeedbackResponse)
     async def feedback(self, body: FeedbackBody, authorization: str | None = Header(None)) -> FeedbackResponse:
         """Events of an item a recommendation served; each (request, item, task) counts once."""
         self._authorize(authorization)
-        unknown = sorted(set(body.events) - set(self._tasks))
-        if unknown:
-            raise HTTPException(422, f"events: unknown task(s) {unknown}; tasks: {sorted(self._tasks)}")
-        for task, value in body.events.items():
-            if self._tasks[task].kind == "binary" and value not in (0, 1):
-                raise HTTPException(422, f"events.{task}: {value!r}; a binary task's event is 0 or 1")
+        problem = check_events(body.events, self._tasks, self._label_range)
+        if problem:
+            raise HTTPException(422, problem)
         try:
             arm, new, duplicates = self._ledger.record(body.request_id, body.item_id, list(body.events))
         except LookupError as e:

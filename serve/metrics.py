@@ -2,7 +2,10 @@
 
 Every metric is declared once in :data:`METRICS` and created lazily, once per process, on first
 use (a module-level cache): importing this module outside a replica costs nothing. Inside a replica
-Ray Serve adds the ``application``, ``deployment`` and ``replica`` labels. On the export port a
+Ray Serve adds the ``application``, ``deployment`` and ``replica`` labels. Every metric also carries
+:data:`DEPLOYMENT_LABEL`, the id of the serving deployment the process belongs to (:func:`scope` sets
+it once per process; :func:`deployment_id` picks the default), so that deployments sharing one
+Prometheus (dev and prod, two clusters) never read each other's feedback. On the export port a
 metric ``NAME`` appears as ``ray_NAME`` (a gauge), ``ray_NAME_total`` (a counter) or
 ``ray_NAME_bucket`` / ``_sum`` / ``_count`` (a histogram), 5-10 s after a change;
 :func:`exported_name` gives the series name the controller's sources read.
@@ -17,8 +20,10 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,6 +39,12 @@ PREDICTION_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0
 # mtrec.fusion.score); the ``product`` fusion's log-scores are mostly negative and fall in the first bucket.
 FUSED_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0)
 MAX_OBSERVED = 16  # values observed per call: a random sample bounds the cost (about 10 us per observation)
+DEPLOYMENT_LABEL = "deployment_id"  # on every metric: the serving deployment that emitted it
+DEPLOYMENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # what an id may look like (also a file name)
+# The namespace of the pod this process runs in (every Kubernetes pod with a service account has it).
+K8S_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+# why the controller refused a reading (the ``reason`` label of mtrec_controller_rejected_reads)
+REJECT_REASONS = ("unreachable", "malformed", "non_finite", "stale")
 
 
 @dataclass(frozen=True)
@@ -65,12 +76,51 @@ METRICS: dict[str, MetricSpec] = {
         MetricSpec("mtrec_fused_score", "histogram", "Fused scores of served candidates.", (), FUSED_BUCKETS),
         MetricSpec("mtrec_fusion_weight", "gauge", "Fusion weight in force per arm and task.", ("arm", "task")),
         MetricSpec("mtrec_arm_traffic", "gauge", "Share of the traffic each weight arm serves.", ("arm",)),
-        MetricSpec("mtrec_controller_staleness_s", "gauge", "Seconds since the controller last read good metrics.", ()),
+        MetricSpec(
+            "mtrec_controller_staleness_s",
+            "gauge",
+            "Age in seconds of the newest metrics sample the controller read.",
+            (),
+        ),
         MetricSpec("mtrec_controller_updates", "counter", "Controller iterations per resulting action.", ("action",)),
+        MetricSpec(
+            "mtrec_controller_rejected_reads",
+            "counter",
+            "Controller readings refused (the last good weights held), per reason: unreachable, malformed, "
+            "non_finite (a count, tally or weight that is not a finite number), stale (samples too old).",
+            ("reason",),
+        ),
     )
 }
 
 _CACHE: dict[str, Any] = {}  # metric name -> ray.serve.metrics object of this process
+_SCOPE: dict[str, str] = {}  # DEPLOYMENT_LABEL -> this process's deployment id, once scope() set it
+
+
+def deployment_id(given: str | None, app: str | None) -> str:
+    """The deployment id of a serving app: ``given`` when set (ValueError unless it matches
+    :data:`DEPLOYMENT_ID`), else ``<namespace>.<app>`` in a Kubernetes pod, else the Serve application
+    name ``app`` (characters an id may not hold become ``_``). The Ingress and the WeightController of
+    one app run in the same namespace under the same app name, so they derive the same id."""
+    if given is not None:
+        if not DEPLOYMENT_ID.fullmatch(given):
+            raise ValueError(
+                f"deployment_id {given!r}: use 1-128 letters, digits, '_', '.' or '-', starting with a letter or digit"
+            )
+        return given
+    if not app:
+        raise ValueError("deployment_id: none given and no Serve application name to derive it from")
+    try:
+        namespace = K8S_NAMESPACE_FILE.read_text().strip()
+    except OSError:
+        namespace = ""
+    raw = f"{namespace}.{app}" if namespace else app
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", raw.lstrip("_.-") or "app")[:128]
+
+
+def scope(deployment: str) -> None:
+    """Label every metric this process records with ``deployment`` (call once, before recording)."""
+    _SCOPE[DEPLOYMENT_LABEL] = deployment
 
 
 def exported_name(name: str, series: str = "") -> str:
@@ -91,7 +141,9 @@ def tags(name: str, **values: Any) -> dict[str, str]:
     spec = METRICS[name]
     if set(values) != set(spec.tags):
         raise ValueError(f"metric {name!r} takes labels {list(spec.tags)}, got {sorted(values)}")
-    return {k: str(values[k]) for k in spec.tags}
+    if not _SCOPE:
+        raise ValueError(f"metric {name!r}: no deployment id in this process; call mtrec_serve.metrics.scope first")
+    return {k: str(values[k]) for k in spec.tags} | _SCOPE
 
 
 def sample(values: Any, limit: int = MAX_OBSERVED, rng: np.random.Generator | None = None) -> np.ndarray:
@@ -111,7 +163,7 @@ def _metric(name: str) -> Any:
         import ray.serve.metrics
 
         spec = METRICS[name]
-        kwargs: dict[str, Any] = {"description": spec.description, "tag_keys": spec.tags}
+        kwargs: dict[str, Any] = {"description": spec.description, "tag_keys": (*spec.tags, DEPLOYMENT_LABEL)}
         if spec.kind == "counter":
             metric = ray.serve.metrics.Counter(name, **kwargs)
         elif spec.kind == "gauge":
@@ -165,9 +217,9 @@ def observe_predictions(task: str, values: np.ndarray) -> None:
 
 def observe_fused(values: np.ndarray) -> None:
     """The fused scores ``(N,)`` of one request's candidates (sampled as in :func:`observe_predictions`)."""
-    metric = _metric("mtrec_fused_score")
+    metric, t = _metric("mtrec_fused_score"), tags("mtrec_fused_score")
     for v in sample(values):
-        metric.observe(float(v))
+        metric.observe(float(v), t)
 
 
 # ---------------------------------------------------------------------------------- WeightController
@@ -189,8 +241,15 @@ def set_weights(weights: Mapping[str, Mapping[str, float]], traffic: Mapping[str
 
 
 def set_staleness(seconds: float) -> None:
-    """Seconds since the controller last read good metrics."""
-    _metric("mtrec_controller_staleness_s").set(float(seconds))
+    """The age of the newest metrics sample the controller has read, in seconds."""
+    _metric("mtrec_controller_staleness_s").set(float(seconds), tags("mtrec_controller_staleness_s"))
+
+
+def record_rejected_read(reason: str) -> None:
+    """One controller reading refused for ``reason`` (one of :data:`REJECT_REASONS`)."""
+    if reason not in REJECT_REASONS:
+        raise ValueError(f"rejected-read reason {reason!r} is not one of {', '.join(REJECT_REASONS)}")
+    _metric("mtrec_controller_rejected_reads").inc(1.0, tags("mtrec_controller_rejected_reads", reason=reason))
 
 
 def record_update(action: str) -> None:

@@ -4,17 +4,23 @@ The request a body asks for is the core :class:`mtrec.inference.ScoreRequest`: :
 converts one into the other by field name, so the two never drift apart (a field the core request has
 and the body lacks fails every request, and the unit tests). Static limits (an id's length, ``k``,
 finite numbers, no unknown fields) live in the models; the limits an operator configures (candidates
-per request, characters per text: ``AppArgs``) are checked by :func:`check_limits`. A violation is a
-422 with a message naming the field; a body over the byte limit is a 413 (see :mod:`mtrec_serve.ingress`).
+per request, characters per text: ``AppArgs``) are checked by :func:`check_limits`, and feedback
+events against the bundle's tasks by :func:`check_events`. A violation is a 422 with a message naming
+the field; a body over the byte limit is a 413 (see :mod:`mtrec_serve.ingress`).
+
+Responses name no weight arm and no weights version: the arm is chosen and recorded server-side, and
+feedback is keyed by the request id, so a client cannot pick which arm its feedback moves.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import fields
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from mtrec.config import TaskSpec
 from mtrec.encoders.text import clean_text
 from mtrec.inference import Candidate, ScoreRequest
 
@@ -73,14 +79,13 @@ class ScoredItem(BaseModel):
 
 class RecommendResponse(BaseModel):
     request_id: str  # quote it in feedback
-    arm: str  # the fusion-weight arm that served the request
-    weights_version: int
     items: list[ScoredItem]  # best first
 
 
 class FeedbackBody(_Body):
     """Events of one served item, e.g. ``{"click": 1, "purchase": 0}``: 0 or 1 for a binary task,
-    the value for a regression task. Each (request, item, task) counts once; repeats are ignored."""
+    the value for a regression task (within the range its labels had in training). Each (request,
+    item, task) counts once; repeats are ignored."""
 
     request_id: Annotated[str, StringConstraints(min_length=1, max_length=64)]
     item_id: ItemId
@@ -111,4 +116,34 @@ def check_limits(request: ScoreRequest, max_candidates: int, max_text_chars: int
         if key in seen:
             return f"candidates[{i}]: item {key!r} appears more than once"
         seen.add(key)
+    return None
+
+
+def check_events(
+    events: Mapping[str, float], tasks: Mapping[str, TaskSpec], label_range: Mapping[str, tuple[float, float]]
+) -> str | None:
+    """The first problem of feedback ``events`` (task -> value), as a message naming the task; None when
+    every event is fine. A task must be one of ``tasks``; a binary event is 0 or 1; a regression event
+    lies within ``label_range[task]``, the (min, max) of that task's labels in training: the controller
+    adds these values up, and one absurd value would outweigh all the honest ones."""
+    unknown = sorted(set(events) - set(tasks))
+    if unknown:
+        return f"events: unknown task(s) {unknown}; tasks: {sorted(tasks)}"
+    for task, value in events.items():
+        if tasks[task].kind == "binary":
+            if value not in (0, 1):
+                return f"events.{task}: {value!r}; a binary task's event is 0 or 1"
+            continue
+        bounds = label_range.get(task)
+        if bounds is None:
+            return (
+                f"events.{task}: the bundle records no label range for regression task {task!r} (it was "
+                "trained before ranges were stored); train it again to accept this task's feedback"
+            )
+        low, high = bounds
+        if not low <= value <= high:
+            return (
+                f"events.{task}: {value!r} is outside [{low:g}, {high:g}], the range of regression task "
+                f"{task!r}'s labels in training"
+            )
     return None

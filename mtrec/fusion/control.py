@@ -38,13 +38,18 @@ logger = logging.getLogger("mtrec.fusion")
 
 @dataclass(frozen=True)
 class ArmCounts:
-    """One arm's counts over one window: impressions, and events (or value sums) per task."""
+    """One arm's counts over one window: impressions, and events (or value sums) per task.
+
+    ``predicted``: the sum, over the items the arm showed, of the served model's prediction of each
+    task (empty when the source does not report it); against ``events`` it measures calibration.
+    """
 
     impressions: float
     events: dict[str, float]
+    predicted: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"impressions": self.impressions, "events": dict(self.events)}
+        return {"impressions": self.impressions, "events": dict(self.events), "predicted": dict(self.predicted)}
 
 
 @dataclass(frozen=True)
@@ -58,7 +63,10 @@ class Observation:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Observation:
         """From ``{"timestamp", "arms": {arm: {"impressions", "events": {task: n}}}, "stale"}``."""
-        arms = {a: ArmCounts(c["impressions"], dict(c["events"])) for a, c in d.get("arms", {}).items()}
+        arms = {
+            a: ArmCounts(c["impressions"], dict(c["events"]), dict(c.get("predicted", {})))
+            for a, c in d.get("arms", {}).items()
+        }
         return cls(d["timestamp"], arms, bool(d.get("stale", False)))
 
     def to_dict(self) -> dict[str, Any]:
@@ -73,9 +81,15 @@ class Observation:
 class Decision:
     """What serving applies: weights per arm (task -> weight, on the simplex) and traffic share per arm.
 
+    ``traffic`` lists the arms in the order serving lays them out on the users' hash range
+    (:func:`mtrec.arms.choose_arm`): a holdout first, a ramping candidate last.
     ``action``: ``init`` (before any observation), ``hold`` (bad metrics: last good decision kept),
     ``wait`` (too few events to act), ``keep`` (nothing to change), ``update`` (weights moved),
-    ``promote`` (a new arm takes the main traffic), ``explore`` (exploration arms changed).
+    ``unreachable`` (a target cannot be met: the weights hold at the best seen), ``explore`` (a
+    candidate arm started, ramped or retired), ``promote`` (a candidate takes the main traffic),
+    ``rollback`` (the main arm went back to earlier weights).
+    ``report``: what the policy measured, as JSON values (lifts against the holdout with their
+    confidence intervals, guardrail states, an unreachable target's best achievable rate).
     """
 
     timestamp: float
@@ -84,6 +98,7 @@ class Decision:
     main: str
     action: str
     reason: str
+    report: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -170,8 +185,10 @@ class Tally:
 
 
 def counts_problem(counts: ArmCounts, tasks: list[str]) -> str | None:
-    """Why an arm's counts are malformed (None if they are fine)."""
+    """Why an arm's counts are malformed (None if they are fine). Predictions may be absent; any given
+    must be finite and >= 0 like the counts."""
     values = {"impressions": counts.impressions} | {t: counts.events.get(t) for t in tasks}
+    values |= {f"predicted {t}": v for t, v in counts.predicted.items() if t in tasks}
     for name, v in values.items():
         if v is None:
             return f"{name} missing"

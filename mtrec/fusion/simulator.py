@@ -1,36 +1,34 @@
-"""A feedback simulator for fusion-weight policies, built on a synthetic scenario's ground truth.
+"""Feedback simulation for fusion-weight policies: candidate pools with known truth, and worlds to serve.
 
-The candidate pool is a synthetic dataset (:func:`mtrec.data.synthetic.generate`): each impression row
-is a (user, item, context) candidate whose true probability of each task ``ground_truth.parquet``
-holds. A user's rows, shuffled and cut into groups of ``candidates``, are that user's requests. The
-ranking model is simulated: its estimate of each task is the truth with Gaussian noise of std
-``model_noise`` on the logit of the task's conditional probability (p(cart | click), ...), fixed per
-row (a trained model errs the same way each time it sees a candidate) and chained back to the full
-space, as ESMM would.
+:func:`load_pool` reads a synthetic dataset (:func:`mtrec.data.synthetic.generate`) as a candidate
+pool: each row a (user, item, context) candidate with the true probability of each task
+(``ground_truth.parquet``) and a simulated model's estimate (the truth with Gaussian noise of std
+``model_noise`` on the logit of each task's conditional probability, chained back to the full space
+as ESMM would). The demo's simulated users draw from it.
 
-Each round, requests arrive uniformly at random from the pool and are split between the arms of the
-policy's decision by its traffic shares. An arm ranks a request's candidates by the fusion of the
-estimates under its weights (:func:`mtrec.fusion.fuse` on estimates scaled by
-:func:`mtrec.fusion.fit_scales`) and shows the top ``k``. The user answers each shown candidate with
-Bernoulli draws from the TRUE probabilities along the task funnel: a click with p(click), a cart given
-the click with p(cart | click), and so on. The draws are made in aggregate, as binomials over the
-requests that repeat within a round, which has the same distribution as one Bernoulli per impression.
-The counts per arm form the :class:`~mtrec.fusion.Observation` the policy reads, as the serving
-controller would from Prometheus.
+:class:`Simulator` serves a weight policy's decisions in a :class:`World` (the benchmark's worlds
+come from :mod:`mtrec.fusion.worlds`), one *window* (a control period) at a time. Each window, a
+fixed number of impressions is split between the decision's arms by their traffic shares. An arm
+ranks every request's candidates by the fusion of the served model's estimates under its weights and
+shows the top ``k`` in order; a user looks at slot ``j`` with probability ``examination[j]``
+(position bias) and answers a candidate looked at with the TRUE probabilities. The counts an arm
+reports are drawn per window, not per impression: the root task's events are binomial in the
+impressions at the arm's expected rate, and each child task's binomial in its parent's events
+(p(purchase | click) = rate_purchase / rate_click), as the funnel has them. Beside the events, an arm
+reports the sum of the model's predictions over what it showed (``ArmCounts.predicted``), as serving
+does; a calibration-aware policy compares the two.
 
-The north star is the value per impression, ``sum_t values_t * events_t / impressions``. It is
-scored exactly: the expected value of every arm's slate under the true probabilities, weighted by
-its traffic share, so the comparison of policies carries no sampling noise (the policies themselves
-see only the noisy counts). The oracle is the fixed weight vector with the highest expected value,
-found by a grid over the weight simplex refined by a pattern search. A :class:`Shift` changes the
-users' behaviour part way (the model, trained before, does not see it), so the oracle moves.
+Everything a benchmark scores is exact: the expected value per impression of every arm's slate
+under the true probabilities, weighted by traffic share, so comparisons of policies carry no
+sampling noise (the policies themselves see only the noisy counts). The oracle of a phase is the
+best fixed weight vector within the policy limits' bounds that keeps every guardrail against the
+static (holdout) weights: the best point of a simplex grid refined by a pattern search.
 """
 
 from __future__ import annotations
 
 import itertools
-import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,12 +36,14 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from mtrec.data.contract import INTERACTIONS, read_tasks
-from mtrec.data.synthetic import GROUND_TRUTH, generate
+from mtrec.data.synthetic import GROUND_TRUTH
 from mtrec.errors import ConfigError
-from mtrec.fusion import ArmCounts, Observation, Policy, fit_scales, fusion_fn
+from mtrec.fusion.control import ArmCounts, Limits, Observation, Policy, project
+from mtrec.fusion.score import fit_scales
 
 _P_CLIP = 1e-6  # probabilities are kept inside (0, 1) before taking logits
-_CACHE = 256  # slates kept per simulator (one per distinct weight vector)
+_CACHE = 512  # slates kept per simulator (one per distinct model and weight vector)
+_GRID_POINTS = 300  # about this many simplex grid points start the oracle's search
 
 
 @dataclass
@@ -56,30 +56,6 @@ class Pool:
     estimate: np.ndarray  # (N, T) float64 the simulated model's estimate
     requests: np.ndarray  # (Q, K) int64 candidate rows of each request
     scales: dict[str, float] = field(default_factory=dict)  # fusion scale of each task (mean estimate)
-
-
-@dataclass(frozen=True)
-class Shift:
-    """A change in the users' behaviour the model does not see.
-
-    ``logit_shift[task]`` is added to the logit of the task's true conditional probability for every
-    candidate; ``logit_drift[task]`` is the std of a per-candidate change of that logit (a taste the
-    model never learnt).
-    """
-
-    logit_shift: Mapping[str, float] = field(default_factory=dict)
-    logit_drift: Mapping[str, float] = field(default_factory=dict)
-
-    def apply(self, pool: Pool, seed: int) -> np.ndarray:
-        """``(N, T)``: the pool's truth after the shift."""
-        for task in [*self.logit_shift, *self.logit_drift]:
-            if task not in pool.tasks:
-                raise ConfigError(f"Shift names unknown task {task!r}; tasks: {', '.join(pool.tasks)}")
-        rng = np.random.default_rng([seed, 2])
-        logits = _logit(conditional(pool.truth, pool.parents))
-        shift = np.array([self.logit_shift.get(t, 0.0) for t in pool.tasks])
-        drift = np.array([self.logit_drift.get(t, 0.0) for t in pool.tasks])
-        return chain(_sigmoid(logits + shift + drift * rng.normal(size=logits.shape)), pool.parents)
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
@@ -154,115 +130,157 @@ def _requests(users: np.ndarray, size: int, rng: np.random.Generator) -> np.ndar
     return np.array(groups, np.int64).reshape(-1, size)
 
 
-def synthetic_pool(
-    scenario: str = "ecommerce",
-    tasks: Sequence[str] | None = None,
-    num_users: int = 2000,
-    num_items: int = 1000,
-    num_interactions: int = 300_000,
-    candidates: int = 50,
-    model_noise: float = 0.5,
-    seed: int = 0,
-) -> Pool:
-    """Generate scenario ``scenario`` (world ``seed``) in a temporary folder and load its pool."""
-    with tempfile.TemporaryDirectory(prefix="mtrec-sim-") as tmp:
-        data = generate(scenario, Path(tmp) / "data", num_users, num_items, num_interactions, seed)
-        return load_pool(data, tasks, candidates, model_noise, seed)
+@dataclass
+class Phase:
+    """One stretch of a world: what users do and what the served model predicts."""
+
+    truth: np.ndarray  # (Q, K, T) float64 full-space probability of each task for a candidate looked at
+    estimate: np.ndarray  # (Q, K, T) float64 the served model's estimate of the same
+    scales: dict[str, float]  # the served model's fusion scale of each task (its mean estimate)
 
 
 @dataclass
-class SimResult:
-    """Per round: the expected value per impression of the served traffic and of the oracle, and weights."""
+class World:
+    """A world to serve: requests of ``K`` candidates, the truth and the served model per phase, and
+    what is worth what. Phase ``i`` runs from ``starts[i]`` (a fraction of the run) to the next start."""
+
+    name: str
+    tasks: list[str]
+    parents: list[int]  # index (in tasks) of the task each depends on, -1 for none; parents come first
+    values: dict[str, float]  # the north star: the worth of one event of each task
+    guardrails: dict[str, float]  # task -> least rate, as a multiple of the holdout's (the static weights')
+    prior: dict[str, float]  # the static fusion weights (what serving starts from)
+    examination: np.ndarray  # (k,) float64 chance a user looks at each of the k slots shown (position bias)
+    phases: list[Phase]
+    starts: list[float] = field(default_factory=lambda: [0.0])
+
+    def phase_at(self, window: int, windows: int) -> int:
+        """The phase in force during ``window`` (0-based) of a run of ``windows``."""
+        return int(np.searchsorted(np.asarray(self.starts) * windows, window, side="right") - 1)
+
+
+@dataclass
+class Move:
+    """A change of the main arm's weights: when, by which action, and what it did to the true value."""
+
+    window: int
+    action: str
+    lift: float  # the new main's expected value over the old one's, relative, in the phase of the move
+
+
+@dataclass
+class Run:
+    """One policy over ``R`` windows of one world; every value is exact (expected value per impression)."""
 
     tasks: list[str]
-    shift_round: int
-    value: np.ndarray  # (R,) policy
-    oracle_value: np.ndarray  # (R,) oracle of the round's phase
-    main_weights: np.ndarray  # (R, T) weights of the main arm in force during each round
-    oracle_weights: np.ndarray  # (R, T)
+    phase: np.ndarray  # (R,) int phase of each window
+    value: np.ndarray  # (R,) the traffic served, every arm by its share
+    static: np.ndarray  # (R,) the static weights
+    oracle: np.ndarray  # (R,) the phase's oracle
+    main_value: np.ndarray  # (R,) the main arm alone
+    main_weights: np.ndarray  # (R, T) weights of the main arm during each window
+    guardrail_ratio: np.ndarray  # (R, G) the main arm's true rate of each guarded task over the static weights'
     actions: list[str]
-
-    def fraction(self, phase: int, skip: float = 0.0) -> float:
-        """The policy's total value over a phase (0 before the shift, 1 after) as a fraction of the
-        oracle's, leaving out the phase's first ``skip`` fraction of rounds."""
-        lo, hi = (0, self.shift_round) if phase == 0 else (self.shift_round, len(self.value))
-        lo += int(skip * (hi - lo))
-        return float(self.value[lo:hi].sum() / self.oracle_value[lo:hi].sum())
+    moves: list[Move]
 
 
 class Simulator:
-    """Serve a policy's decisions on a :class:`Pool`, round after round; see the module docstring."""
+    """Serve a policy's decisions in a :class:`World`, window after window; see the module docstring.
 
-    def __init__(
-        self,
-        pool: Pool,
-        values: Mapping[str, float],
-        k: int = 5,
-        fusion: str = "sum",
-        requests_per_round: int = 100_000,
-        shift: Shift | None = None,
-        seed: int = 0,
-    ) -> None:
-        unknown = sorted(set(values) - set(pool.tasks))
+    ``limits``: the bounds the oracle searches within (the policies' own; default :class:`Limits`).
+    """
+
+    def __init__(self, world: World, limits: Limits | None = None) -> None:
+        unknown = sorted((set(world.values) | set(world.guardrails)) - set(world.tasks))
         if unknown:
-            raise ConfigError(f"values name unknown task(s) {unknown}; tasks: {', '.join(pool.tasks)}")
-        if not 1 <= k <= pool.requests.shape[1]:
-            raise ConfigError(f"k={k}: must be between 1 and the {pool.requests.shape[1]} candidates per request")
-        self.pool = pool
-        self.k = k
-        self.requests_per_round = requests_per_round
-        self._values = np.array([float(values.get(t, 0.0)) for t in pool.tasks])
-        self._fuse = fusion_fn(fusion)
-        scale = np.array([pool.scales[t] for t in pool.tasks])
-        self._scaled = pool.estimate[pool.requests] / scale  # (Q, K, T)
-        truths = [pool.truth] + ([shift.apply(pool, seed)] if shift is not None else [])
-        self._truth = [t[pool.requests] for t in truths]  # per phase (Q, K, T)
-        self._cond = [conditional(t, pool.parents) for t in self._truth]
-        self._slates: dict[tuple[float, ...], np.ndarray] = {}
+            raise ConfigError(f"world {world.name!r}: values or guardrails name unknown task(s) {unknown}")
+        self.world = world
+        self.limits = limits or Limits()
+        self.k = len(world.examination)
+        t = len(world.tasks)
+        self._lo, self._hi = np.full(t, self.limits.min_weight), np.full(t, self.limits.max_weight)
+        self._values = np.array([float(world.values.get(task, 0.0)) for task in world.tasks])
+        self._guarded = [world.tasks.index(task) for task in world.guardrails]
+        self._ratios = np.array(list(world.guardrails.values()))
+        prior = np.array([world.prior[task] for task in world.tasks], np.float64)
+        self.static_weights = project(prior / prior.sum(), self._lo, self._hi)
+        # phases that share the served model (the same estimate array) share its slates
+        self._model = [next(j for j, q in enumerate(world.phases) if q.estimate is p.estimate) for p in world.phases]
+        self._scaled = {
+            m: world.phases[m].estimate / np.array([world.phases[m].scales[task] for task in world.tasks])
+            for m in set(self._model)
+        }
+        self._slates: dict[tuple, np.ndarray] = {}
+        self._stats: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
         self._oracles: dict[int, tuple[np.ndarray, float]] = {}
-        self._seed = seed
 
-    @property
-    def phases(self) -> int:
-        return len(self._truth)
+    # ------------------------------------------------------------------------------ exact quantities
 
-    def slate(self, weights: np.ndarray) -> np.ndarray:
-        """``(Q, k) int64``: the position (in each request's candidates) of the ``k`` shown under ``weights``."""
-        key = tuple(np.round(np.asarray(weights, np.float64), 12))
+    def slate(self, weights: np.ndarray, phase: int) -> np.ndarray:
+        """``(Q, k) int64``: the candidates shown under ``weights`` in ``phase``, best first."""
+        key = (self._model[phase], *np.round(np.asarray(weights, np.float64), 12))
         if key not in self._slates:
-            scores = self._fuse(self._scaled, np.asarray(key))
+            scores = self._scaled[self._model[phase]] @ np.asarray(key[1:])  # (Q, K)
+            top = np.argpartition(-scores, self.k - 1, axis=1)[:, : self.k]
+            order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
             if len(self._slates) >= _CACHE:
                 self._slates.pop(next(iter(self._slates)))
-            self._slates[key] = np.argpartition(-scores, self.k - 1, axis=1)[:, : self.k]
+            self._slates[key] = np.take_along_axis(top, order, axis=1)
         return self._slates[key]
+
+    def _rates_and_predicted(self, weights: np.ndarray, phase: int) -> tuple[np.ndarray, np.ndarray]:
+        key = (phase, *np.round(np.asarray(weights, np.float64), 12))
+        if key not in self._stats:
+            p = self.world.phases[phase]
+            slate = self.slate(weights, phase)[:, :, None]
+            seen = np.take_along_axis(p.truth, slate, axis=1) * self.world.examination[None, :, None]
+            predicted = np.take_along_axis(p.estimate, slate, axis=1)
+            if len(self._stats) >= _CACHE:
+                self._stats.pop(next(iter(self._stats)))
+            self._stats[key] = (seen.mean(axis=(0, 1)), predicted.mean(axis=(0, 1)))
+        return self._stats[key]
 
     def rates(self, weights: np.ndarray, phase: int) -> np.ndarray:
         """``(T,)``: expected events of each task per impression under ``weights`` in ``phase``."""
-        shown = np.take_along_axis(self._truth[phase], self.slate(weights)[:, :, None], axis=1)
-        return shown.mean(axis=(0, 1))
+        return self._rates_and_predicted(weights, phase)[0]
 
     def value(self, weights: np.ndarray, phase: int) -> float:
         """Expected north-star value per impression under ``weights`` in ``phase``."""
         return float(self.rates(weights, phase) @ self._values)
 
-    def oracle(self, phase: int, grid: int = 0) -> tuple[np.ndarray, float]:
-        """``(weights (T,), value)``: the best fixed weights of ``phase``: the best point of a simplex
-        grid (``grid`` divisions; 0 picks about 300 points), then a pattern search that moves weight
+    def guardrail_ratio(self, weights: np.ndarray, phase: int) -> np.ndarray:
+        """``(G,)``: the rate of each guarded task under ``weights`` over its rate under the static weights."""
+        return self.rates(weights, phase)[self._guarded] / self.rates(self.static_weights, phase)[self._guarded]
+
+    def feasible(self, weights: np.ndarray, phase: int) -> bool:
+        """Whether ``weights`` keep every guardrail in ``phase``."""
+        return bool((self.guardrail_ratio(weights, phase) >= self._ratios - 1e-12).all())
+
+    def oracle(self, phase: int) -> tuple[np.ndarray, float]:
+        """``(weights (T,), value)``: the best fixed feasible weights of ``phase`` within the bounds: the
+        best point of a simplex grid (and the static weights), then a pattern search that moves weight
         between pairs of tasks in halving steps down to 0.001."""
         if phase not in self._oracles:
-            num = len(self.pool.tasks)
-            grid = grid or next(g for g in range(40, 0, -1) if _simplex_size(num, g) <= 300)
-            points = [np.array(c, np.float64) / grid for c in _compositions(num, grid)]
-            best = max(points, key=lambda w: self.value(w, phase))
-            best_value, step = self.value(best, phase), 1.0 / grid
+            t = len(self.world.tasks)
+            grid = next(g for g in range(60, 0, -1) if _simplex_size(t, g) <= _GRID_POINTS)
+            points = [np.array(c, np.float64) / grid for c in _compositions(t, grid)]
+            points = [w for w in points if (w >= self._lo - 1e-12).all() and (w <= self._hi + 1e-12).all()]
+
+            def score(w: np.ndarray) -> float:
+                return self.value(w, phase) if self.feasible(w, phase) else -np.inf
+
+            best = max([self.static_weights, *points], key=score)
+            best_value, step = score(best), 1.0 / grid
             while step >= 1e-3:
                 moved = False
-                for i, j in itertools.permutations(range(num), 2):
+                for i, j in itertools.permutations(range(t), 2):
+                    shift = min(step, best[j] - self._lo[j], self._hi[i] - best[i])
+                    if shift <= 1e-12:
+                        continue
                     w = best.copy()
-                    shift = min(step, w[j])
                     w[i] += shift
                     w[j] -= shift
-                    v = self.value(w, phase) if shift > 0 else -np.inf
+                    v = score(w)
                     if v > best_value + 1e-12:
                         best, best_value, moved = w, v, True
                 if not moved:
@@ -270,53 +288,57 @@ class Simulator:
             self._oracles[phase] = (best, best_value)
         return self._oracles[phase]
 
-    def serve(self, weights: np.ndarray, num_requests: int, phase: int, rng: np.random.Generator) -> ArmCounts:
-        """One arm's counts for ``num_requests`` requests: Bernoulli draws from the true probabilities along
-        the funnel, aggregated per shown candidate (binomials over the requests that repeat)."""
-        slate = self.slate(weights)
-        arrivals = rng.multinomial(num_requests, np.full(len(slate), 1.0 / len(slate)))  # (Q,)
-        cond = np.take_along_axis(self._cond[phase], slate[:, :, None], axis=1)  # (Q, k, T)
-        trials = np.broadcast_to(arrivals[:, None], slate.shape)
-        events: list[np.ndarray] = []
-        for t, parent in enumerate(self.pool.parents):
-            events.append(rng.binomial(trials if parent < 0 else events[parent], cond[:, :, t]))
+    # ------------------------------------------------------------------------------ serving
+
+    def serve(self, weights: np.ndarray, impressions: int, phase: int, rng: np.random.Generator) -> ArmCounts:
+        """One arm's counts over ``impressions``: funnel draws at the arm's expected rates, and the sum of
+        the model's predictions over what it showed."""
+        rates, predicted = self._rates_and_predicted(weights, phase)
+        events: list[int] = []
+        for t, parent in enumerate(self.world.parents):
+            if parent < 0:
+                events.append(int(rng.binomial(impressions, rates[t])))
+            else:
+                p = rates[t] / rates[parent] if rates[parent] > 0 else 0.0
+                events.append(int(rng.binomial(events[parent], min(p, 1.0))))
+        tasks = self.world.tasks
         return ArmCounts(
-            float(num_requests * self.k), {task: float(e.sum()) for task, e in zip(self.pool.tasks, events)}
+            float(impressions),
+            {task: float(e) for task, e in zip(tasks, events)},
+            {task: float(impressions * p) for task, p in zip(tasks, predicted)},
         )
 
-    def run(self, policy: Policy, rounds: int, shift_at: float = 0.5, stale_rate: float = 0.0) -> SimResult:
-        """Run ``policy`` for ``rounds`` rounds; the shift (if any) starts at round ``shift_at * rounds``.
-
-        ``stale_rate``: the chance that a round's metrics reach the policy marked stale (lost scrape).
-        """
-        if policy.tasks != self.pool.tasks:
-            raise ConfigError(f"policy tasks {policy.tasks} differ from the simulator's {self.pool.tasks}")
-        rng = np.random.default_rng([self._seed, 3])
-        shift_round = int(round(shift_at * rounds)) if self.phases > 1 else rounds
-        value, oracle_value, main, oracle_w, actions = [], [], [], [], []
-        for r in range(rounds):
-            phase = int(r >= shift_round)
+    def run(self, policy: Policy, impressions: int, windows: int, seed: int = 0) -> Run:
+        """Run ``policy`` for ``windows`` windows of ``impressions`` impressions each."""
+        if policy.tasks != self.world.tasks:
+            raise ConfigError(f"policy tasks {policy.tasks} differ from the world's {self.world.tasks}")
+        rng = np.random.default_rng(seed)
+        r = windows
+        phases = np.array([self.world.phase_at(w, windows) for w in range(windows)])
+        value, main_value, main_w, ratios = np.zeros(r), np.zeros(r), np.zeros((r, len(policy.tasks))), []
+        actions: list[str] = []
+        moves: list[Move] = []
+        for w, phase in enumerate(phases):
             decision = policy.current
             arms = list(decision.traffic)
             shares = np.array([decision.traffic[a] for a in arms])
-            counts = rng.multinomial(self.requests_per_round, shares / shares.sum())
-            weights = {a: np.array([decision.weights[a][t] for t in self.pool.tasks]) for a in arms}
+            counts = rng.multinomial(impressions, shares / shares.sum())
+            weights = {a: np.array([decision.weights[a][t] for t in policy.tasks]) for a in arms}
             served = {a: self.serve(weights[a], int(n), phase, rng) for a, n in zip(arms, counts)}
-            value.append(sum(s * self.value(weights[a], phase) for a, s in zip(arms, shares)))
-            best_w, best_v = self.oracle(phase)
-            oracle_value.append(best_v)
-            oracle_w.append(best_w)
-            main.append(weights[decision.main])
-            stale = bool(rng.random() < stale_rate)
-            actions.append(policy.update(Observation(float(r + 1), served, stale=stale)).action)
-        return SimResult(
-            list(self.pool.tasks),
-            shift_round,
-            np.array(value),
-            np.array(oracle_value),
-            np.array(main),
-            np.array(oracle_w),
-            actions,
+            value[w] = sum(s * self.value(weights[a], phase) for a, s in zip(arms, shares / shares.sum()))
+            main_w[w] = weights[decision.main]
+            main_value[w] = self.value(main_w[w], phase)
+            ratios.append(self.guardrail_ratio(main_w[w], phase))
+            after = policy.update(Observation(float(w + 1), served))
+            actions.append(after.action)
+            new_main = np.array([after.weights[after.main][t] for t in policy.tasks])
+            if not np.allclose(new_main, main_w[w], atol=1e-12):
+                lift = self.value(new_main, phase) / main_value[w] - 1.0
+                moves.append(Move(w, after.action, lift))
+        static = np.array([self.value(self.static_weights, p) for p in phases])
+        oracle = np.array([self.oracle(p)[1] for p in phases])
+        return Run(
+            list(policy.tasks), phases, value, static, oracle, main_value, main_w, np.array(ratios), actions, moves
         )
 
 

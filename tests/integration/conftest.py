@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +13,14 @@ apply_local_env()  # before any test module imports ray (Ray reads some of it on
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only test cluster; the product keeps token auth on
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+HERE = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(items):
+    """Every test in this folder is marked ``integration`` (``-m "not integration"`` leaves them out)."""
+    for item in items:
+        if HERE in item.path.parents:
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="session")

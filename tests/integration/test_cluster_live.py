@@ -27,7 +27,7 @@ import pytest
 from mtrec_cluster import local
 from mtrec_cluster.prometheus import stop_prometheus
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+pytestmark = pytest.mark.timeout(900)
 
 ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("manifest_checks", ROOT / "tests" / "unit" / "test_manifests.py")
@@ -184,7 +184,9 @@ def test_submit_train_runs_the_job_and_writes_a_bundle(local_cluster, tmp_path):
     assert "SUCCEEDED" in done.stderr and "Running entrypoint" in done.stdout  # logs were streamed
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics["test"]) == {"click", "add_to_cart", "purchase", "ad_click"}
-    assert load_bundle(run / "bundle") is not None
+    bundle = load_bundle(run / "bundle")  # the job's own run: the preset under the arguments passed
+    assert [t.name for t in bundle.meta.tasks] == list(metrics["test"])
+    assert bundle.cfg.model.arch == "mmoe" and (bundle.cfg.train.num_workers, bundle.cfg.train.epochs) == (1, 1)
 
 
 def test_submit_exits_with_the_jobs_failure(local_cluster, tmp_path):

@@ -6,16 +6,16 @@ by memorising items. Through a narrow shared bottom (16 units) the aux task crow
 out unless it is down-weighted (seen in plain torch: test click AUC 0.733 +- 0.006 with equal weights
 over 3 seeds, 0.762 +- 0.004 with aux at 1/20 of click).
 
-The search: 4 trials (the equal-weights baseline, two corners of the simplex, one random draw), 2 at
-a time (1 driver CPU + 1 worker each, on the session's 4 logical CPUs), interrupted by SIGINT after
-2 trials finished (Ctrl-C to a separate driver process), then resumed in this one. The noise scale: the baseline again with seeds 1 and 2 (a second,
-2-trial search). Every comparison is on the test split (the search chose by the valid split).
+The search: 4 trials, 2 at a time (1 driver CPU + 1 worker each, on the session's 4 logical CPUs):
+the equal-weights baseline, aux down-weighted to 1/10 of click, and the baseline again with seeds 1
+and 2 (the seed noise the best trial must beat). It is interrupted by SIGINT after 2 trials finished
+(Ctrl-C to a separate driver process), then resumed in this one. Every comparison is on the test split
+(the search chose by the valid split).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -33,8 +33,6 @@ from mtrec.config import Config, TaskSpec
 from mtrec.data.contract import load_table, write_dataset
 from mtrec.data.synthetic import generate
 
-pytestmark = pytest.mark.integration
-
 EPOCHS = 3
 OVERRIDES = [
     "model.arch=shared_bottom",
@@ -51,8 +49,8 @@ OVERRIDES = [
     "train.log_every_steps=1000",
 ]
 DOWN = {"weighting": "static", "task_weights": {"click": 1.0, "aux": 0.1}}
-UP = {"weighting": "static", "task_weights": {"click": 0.1, "aux": 1.0}}
 EQUAL = {"weighting": "static", "task_weights": {"click": 1.0, "aux": 1.0}}
+POINTS = [DOWN, {**EQUAL, "seed": 1}, {**EQUAL, "seed": 2}]  # after the baseline (equal weights, seed 0)
 
 
 def noisy_aux_dataset(out: Path) -> Path:
@@ -115,7 +113,7 @@ def search(ray_cluster, tmp_path_factory):
     data = noisy_aux_dataset(root / "noisy-aux")
     base = Config().override(OVERRIDES)
     out = root / "search"
-    (root / "points.yaml").write_text(yaml.safe_dump([DOWN, UP]))
+    (root / "points.yaml").write_text(yaml.safe_dump(POINTS))
     # grace 3 = epochs: every trial trains fully, so the baseline is compared at its best, not cut short
     cli = ["--trials", "4", "--objective", "click.auc", "--strategies", "static", "--no-lr", "--grace-epochs", "3"]
     start = time.perf_counter()
@@ -140,19 +138,14 @@ def search(ray_cluster, tmp_path_factory):
     before = _results_on_disk(out)
     # ...then resumed here, with the same arguments
     kwargs = dict(objective="click.auc", strategies=["static"], lr_range=None, grace_epochs=3)
-    summary = run_search(base, data, out, trials=4, points=[DOWN, UP], **kwargs)
+    summary = run_search(base, data, out, trials=4, points=POINTS, **kwargs)
     wall = time.perf_counter() - start
-    noise = run_search(
-        base, data, root / "noise", 2, points=[{**EQUAL, "seed": 1}, {**EQUAL, "seed": 2}], baseline=False, **kwargs
-    )
     print(f"\n[tune test] search wall time {wall:.0f} s (4 trials, interrupted and resumed)")
     return {
         "data": data,
         "base": base,
         "out": out,
-        "noise_out": root / "noise",
         "summary": summary,
-        "noise": noise,
         "before": before,
         "finished_before": finished,
         "root": root,
@@ -163,7 +156,7 @@ def _table(out: Path) -> list[dict]:
     return pq.read_table(out / "result" / "trials.parquet").to_pylist()
 
 
-def _test_auc(search, out: Path, row: dict) -> float:
+def _test_auc(search, row: dict) -> float:
     """Test-split click AUC of one trial's best checkpoint (the model does not depend on the weights)."""
     import ray.train
 
@@ -176,14 +169,11 @@ def _test_auc(search, out: Path, row: dict) -> float:
 
 def test_best_trial_beats_equal_weights_by_more_than_seed_noise(search):
     rows = _table(search["out"])
-    baseline = next(r for r in rows if r["loss_weight.click"] == r["loss_weight.aux"] == 1.0)
+    equal_rows = [r for r in rows if r["loss_weight.click"] == r["loss_weight.aux"] == 1.0]
+    assert sorted(r["config.seed"] for r in equal_rows) == [0, 1, 2]
     best = search["summary"]["best"]
     best_auc = best["test"]["click"]["auc"]
-    equal = [_test_auc(search, search["out"], baseline)]
-    repeats = _table(search["noise_out"])
-    assert sorted(r["config.seed"] for r in repeats) == [1, 2]
-    assert all(r["loss_weight.click"] == r["loss_weight.aux"] == 1.0 for r in repeats)
-    equal += [_test_auc(search, search["noise_out"], r) for r in repeats]
+    equal = [_test_auc(search, r) for r in equal_rows]
     noise = float(np.std(equal, ddof=1))
     print(
         f"[tune test] best {best['trial_id']} test click AUC {best_auc:.4f}; equal weights over seeds 0-2 {equal}, std {noise:.4f}"
@@ -230,6 +220,9 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(search):
 
 def test_outputs_a_preset_mtrec_train_accepts_and_the_best_bundle(search):
     from mtrec.bundle import load_bundle
+    from mtrec.engine import batches, predict
+    from mtrec.features import ExampleSet, collate
+    from mtrec.metrics import auc
     from mtrec_train.run import build_config, parse_args
 
     result = search["out"] / "result"
@@ -238,11 +231,17 @@ def test_outputs_a_preset_mtrec_train_accepts_and_the_best_bundle(search):
     weights = {t.name: t.loss_weight for t in cfg.tasks}
     assert weights == pytest.approx({"click": best["loss_weight.click"], "aux": best["loss_weight.aux"]})
     assert cfg.train.weighting == "static" and cfg.model.expert_dim == 16 and cfg.data.path == ""
-    assert load_bundle(result / "best" / "bundle") is not None
     assert json.loads((result / "best" / "metrics.json").read_text())["test"]["click"]["auc"] == pytest.approx(
         best["test"]["click"]["auc"]
     )
+    # the best bundle is the best trial's model: its test predictions give the best trial's test AUC
+    bundle = load_bundle(result / "best" / "bundle")
+    assert {t.name: t.loss_weight for t in bundle.cfg.tasks} == pytest.approx(weights)
+    arrays = ExampleSet.load(search["out"] / "examples").arrays("test")
+    preds = predict(bundle.model, (collate(b) for b in batches(arrays, 4096)))["preds"]
+    clicks = collate(arrays)["labels"].numpy()[:, 0]
+    seen = ~np.isnan(clicks)
+    assert auc(clicks[seen], preds[seen, 0]) == pytest.approx(best["test"]["click"]["auc"], abs=1e-9)
     csv_header = (result / "trials.csv").read_text().splitlines()[0]
     for column in ("trial_id", "status", "config.weighting", "loss_weight.click", "valid.click.auc", "score"):
         assert f'"{column}"' in csv_header
-    assert not math.isnan(search["noise"]["best"]["score"])

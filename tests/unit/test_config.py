@@ -1,8 +1,9 @@
 import dataclasses
 
 import pytest
+import yaml
 
-from mtrec.config import Config, ConfigError, TaskSpec, load_preset, preset_names
+from mtrec.config import PRESET_DIR, Config, ConfigError, TaskSpec, load_preset, preset_names
 
 
 def test_defaults_round_trip_through_dict():
@@ -39,11 +40,18 @@ def test_override_fails_loudly(override, expected):
     assert expected in str(e.value)
 
 
-def test_every_preset_loads_and_unknown_preset_lists_valid_ones():
+def test_every_preset_holds_what_its_file_says_and_unknown_preset_lists_valid_ones():
     names = preset_names()
     assert "synthetic-ecommerce" in names
     for n in names:
-        assert isinstance(load_preset(n), Config)
+        written = yaml.safe_load((PRESET_DIR / f"{n}.yaml").read_text())
+        loaded = load_preset(n).to_dict()
+        for section, values in written.items():
+            if section == "tasks":
+                assert [{k: t[k] for k in w} for t, w in zip(loaded["tasks"], values)] == values, n
+                assert len(loaded["tasks"]) == len(values), n
+            else:
+                assert {k: loaded[section][k] for k in values} == values, (n, section)
     with pytest.raises(ConfigError) as e:
         load_preset("no-such-preset")
     assert "synthetic-ecommerce" in str(e.value)

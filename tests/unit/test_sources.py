@@ -11,7 +11,15 @@ import time
 import pytest
 
 from mtrec.errors import ConfigError
-from mtrec_serve.sources import CounterDeltas, PrometheusSource, ScrapeSource, build_source, complete, observation
+from mtrec_serve.sources import (
+    CounterDeltas,
+    PrometheusSource,
+    ScrapeSource,
+    SourceError,
+    build_source,
+    complete,
+    observation,
+)
 
 IMP, EV = "ray_mtrec_impressions_total", "ray_mtrec_feedback_events_total"
 
@@ -56,16 +64,23 @@ def endpoint():
     e.server.server_close()
 
 
-def prom(result: list[tuple[dict, str]]) -> str:
-    items = [{"metric": m, "value": [1700000000.0, v]} for m, v in result]
-    return json.dumps({"status": "success", "data": {"resultType": "vector", "result": items}})
+def prom(result: list[tuple], at: float = 1e12) -> str:
+    """A Prometheus answer to a range query: per ``(labels, value[, time])`` a series whose latest
+    sample has that value, at that time (default ``at``)."""
+    items = []
+    for labels, value, *when in result:
+        t = when[0] if when else at
+        items.append({"metric": labels, "values": [[t - 1.0, "0"], [t, value]]})
+    return json.dumps({"status": "success", "data": {"resultType": "matrix", "result": items}})
 
 
-def exposition(imp: dict[str, float], ev: dict[tuple[str, str], float], replica: str = "r1") -> str:
+def exposition(imp: dict[str, float], ev: dict[tuple[str, str], float], replica: str = "r1", dep: str = "dep") -> str:
     lines = [f"# TYPE {IMP} counter"]
-    lines += [f'{IMP}{{application="app",arm="{a}",replica="{replica}"}} {n}' for a, n in imp.items()]
+    lines += [f'{IMP}{{deployment_id="{dep}",arm="{a}",replica="{replica}"}} {n}' for a, n in imp.items()]
     lines += [f"# TYPE {EV} counter"]
-    lines += [f'{EV}{{application="app",arm="{a}",task="{t}",replica="{replica}"}} {n}' for (a, t), n in ev.items()]
+    lines += [
+        f'{EV}{{deployment_id="{dep}",arm="{a}",task="{t}",replica="{replica}"}} {n}' for (a, t), n in ev.items()
+    ]
     lines += ['ray_other_total{arm="main"} 99', ""]
     return "\n".join(lines)
 
@@ -103,7 +118,17 @@ def test_observation_sums_series_by_arm_and_task_and_complete_fills_zeros():
     assert obs.arms["a1"].impressions == 0 and obs.arms["a1"].events == {"click": 0.0, "buy": 0.0}
 
 
-def test_prometheus_source_differences_cumulative_counters(endpoint):
+def test_series_that_sum_past_the_largest_float_are_refused():
+    huge = {
+        (EV, (("arm", "a0"), ("replica", "1"), ("task", "dwell"))): 1e308,
+        (EV, (("arm", "a0"), ("replica", "2"), ("task", "dwell"))): 1e308,
+    }
+    with pytest.raises(SourceError, match="dwell events sum to inf") as e:
+        observation(huge, 5.0)
+    assert e.value.reason == "non_finite"
+
+
+def test_prometheus_source_differences_cumulative_counters_of_its_deployment(endpoint):
     first = [({"__name__": IMP, "arm": "main", "replica": "r1"}, "100")]
     first += [({"__name__": EV, "arm": "main", "task": "click", "replica": "r1"}, "10")]
     second = [({"__name__": IMP, "arm": "main", "replica": "r1"}, "160")]
@@ -111,52 +136,79 @@ def test_prometheus_source_differences_cumulative_counters(endpoint):
     endpoint.answer(
         (200, prom(first[:1]), 0), (200, prom(first[1:]), 0), (200, prom(second[:1]), 0), (200, prom(second[1:]), 0)
     )
-    src = PrometheusSource(endpoint.url, app="my-app", window_s=30, clock=Clock())
+    src = PrometheusSource(endpoint.url, "dep-a", window_s=30, scrape_interval_s=5, clock=Clock())
     assert src.read() is None and src.problem is None  # baseline
     obs = src.read()
     assert not obs.stale and obs.arms["main"].impressions == 60 and obs.arms["main"].events == {"click": 6.0}
-    assert "last_over_time(ray_mtrec_impressions_total" in src.queries()[0]
-    assert 'application="my-app"' in src.queries()[1] and "[30s]" in src.queries()[1]
-    assert endpoint.paths[0].startswith("/api/v1/query?query=last_over_time")
+    assert src.queries() == [f'{IMP}{{deployment_id="dep-a"}}[30s]', f'{EV}{{deployment_id="dep-a"}}[30s]']
+    assert endpoint.paths[0].startswith(f"/api/v1/query?query={IMP}%7Bdeployment_id%3D%22dep-a%22%7D%5B30s%5D")
+    assert src.newest_sample_at == 1e12
 
 
 @pytest.mark.parametrize(
-    "answer, why",
+    "answer, why, reason",
     [
-        ((500, "internal error", 0.0), "HTTP 500"),
-        ((200, "<html>not json</html>", 0.0), "not JSON"),
-        ((200, json.dumps({"status": "error", "error": "parse error"}), 0.0), "parse error"),
-        ((200, json.dumps({"status": "success", "data": {"resultType": "matrix", "result": []}}), 0.0), "vector"),
-        ((200, prom([({"arm": "main"}, "NaN")]), 0.0), "not a finite count"),
-        ((200, prom([({"arm": "main"}, "-3")]), 0.0), "not a finite count"),
-        ((200, prom([({"arm": "main"}, "abc")]), 0.0), "not a number"),
+        ((500, "internal error", 0.0), "HTTP 500", "unreachable"),
+        ((200, "<html>not json</html>", 0.0), "not JSON", "malformed"),
+        ((200, json.dumps({"status": "error", "error": "parse error"}), 0.0), "parse error", "malformed"),
+        ((200, json.dumps({"status": "success", "data": {"resultType": "vector", "result": []}}), 0.0), "matrix", "malformed"),
+        ((200, prom([({"arm": "main"}, "NaN")]), 0.0), "not a finite number", "non_finite"),
+        ((200, prom([({"arm": "main"}, "+Inf")]), 0.0), "not a finite number", "non_finite"),
+        ((200, prom([({"arm": "main"}, "-3")]), 0.0), "not a finite count", "malformed"),
+        ((200, prom([({"arm": "main"}, "abc")]), 0.0), "not a number", "malformed"),
         (
-            (200, json.dumps({"status": "success", "data": {"resultType": "vector", "result": [{"x": 1}]}}), 0),
+            (200, json.dumps({"status": "success", "data": {"resultType": "matrix", "result": [{"x": 1}]}}), 0),
+            "malformed",
             "malformed",
         ),
-        ((200, prom([]), 1.5), "timed out"),
+        ((200, prom([]), 1.5), "timed out", "unreachable"),
     ],
 )
-def test_prometheus_source_failures_give_stale_observations(endpoint, answer, why):
+def test_prometheus_source_failures_give_stale_observations(endpoint, answer, why, reason):
     endpoint.answer(answer)
-    src = PrometheusSource(endpoint.url, timeout_s=0.5, clock=Clock())
+    src = PrometheusSource(endpoint.url, "dep", timeout_s=0.5, clock=Clock())
     obs = src.read()
     assert obs is not None and obs.stale and obs.arms == {}
-    assert why in src.problem and endpoint.url in src.problem
+    assert why in src.problem and endpoint.url in src.problem and src.reason == reason
 
 
 def test_prometheus_source_unreachable_and_series_vanishing(endpoint):
     good = prom([({"__name__": IMP, "arm": "main"}, "5")])
     endpoint.answer((200, good, 0), (200, good, 0), (200, good, 0), (200, good, 0), (200, prom([]), 0))
-    src = PrometheusSource(endpoint.url, clock=Clock())
+    src = PrometheusSource(endpoint.url, "dep", clock=Clock())
     assert src.read() is None
     assert not src.read().stale
     obs = src.read()  # Prometheus answers, but our series are gone: a target that stopped being scraped
-    assert obs.stale and "no mtrec counter series" in src.problem
+    assert obs.stale and "no mtrec counter series" in src.problem and src.reason == "stale"
     endpoint.server.shutdown()
     endpoint.server.server_close()
     obs = src.read()
-    assert obs.stale and "ConnectionRefusedError" in src.problem
+    assert obs.stale and "ConnectionRefusedError" in src.problem and src.reason == "unreachable"
+
+
+def test_old_samples_are_stale_and_their_series_held(endpoint):
+    """A dead target's last values, which Prometheus keeps returning for the whole window, are not a
+    window without events: alone they make the read stale, beside fresh series they are held."""
+    clock = Clock()  # reads at 1010, 1020, ...; scrape interval 5 s: samples older than 10 s are stale
+    a = {"__name__": IMP, "arm": "main", "replica": "a"}
+    b = {"__name__": IMP, "arm": "main", "replica": "b"}
+    endpoint.answer(
+        (200, prom([(a, "100"), (b, "50")], at=1009), 0), (200, prom([]), 0),  # read 1: baseline
+        (200, prom([(a, "100"), (b, "50")], at=1005), 0), (200, prom([]), 0),  # read 2 at 1020: both 15 s old
+        (200, prom([(a, "130")], at=1029), 0), (200, prom([]), 0),  # read 3 at 1030: a fresh
+    )
+    src = PrometheusSource(endpoint.url, "dep", window_s=60, scrape_interval_s=5, clock=clock)
+    assert src.read() is None
+    obs = src.read()
+    assert obs.stale and src.reason == "stale" and "15 s old, more than 10 s" in src.problem
+    assert src.newest_sample_at == 1009  # the gauge's age: the newest sample ever read, not the read time
+    obs = src.read()
+    assert not obs.stale and obs.arms["main"].impressions == 30  # b held, not read as a zero window
+    endpoint.answer((200, prom([(a, "130", 1039), (b, "60", 1000)]), 0), (200, prom([]), 0))
+    obs = src.read()  # at 1040: a fresh and unchanged, b 40 s old: held (its 10 new are not counted yet)
+    assert not obs.stale and obs.arms["main"].impressions == 0
+    endpoint.answer((200, prom([(a, "130"), (b, "60")], at=1049), 0), (200, prom([]), 0))
+    assert src.read().arms["main"].impressions == 10  # b fresh again: what it held is counted now
 
 
 def test_scrape_source_parses_exposition_text_and_handles_resets(endpoint):
@@ -165,36 +217,49 @@ def test_scrape_source_parses_exposition_text_and_handles_resets(endpoint):
         (200, exposition({"main": 150}, {("main", "click"): 14, ("main", "buy"): 2}), 0),
         (200, exposition({"main": 20}, {("main", "click"): 3}, replica="r2"), 0),  # the replica restarted
     )
-    src = ScrapeSource(endpoint.url + "/metrics", app="app", clock=Clock())
+    clock = Clock()
+    src = ScrapeSource(endpoint.url + "/metrics", "dep", clock=clock)
     assert src.read() is None
     obs = src.read()
     assert obs.arms["main"].impressions == 50 and obs.arms["main"].events == {"click": 4.0, "buy": 2.0}
+    assert src.newest_sample_at == clock.t  # a direct scrape is as fresh as the read
     obs = src.read()
     assert obs.arms["main"].impressions == 20 and obs.arms["main"].events == {"click": 3.0}
 
 
-def test_scrape_source_filters_application_and_rejects_garbage(endpoint):
-    endpoint.answer((200, exposition({"main": 1}, {}).replace('application="app"', 'application="other"'), 0))
-    src = ScrapeSource(endpoint.url, app="app", clock=Clock())
+def test_scrape_source_counts_only_its_deployment_and_rejects_garbage(endpoint):
+    other = exposition({"main": 1}, {}, dep="dep-b")
+    endpoint.answer((200, exposition({"main": 1}, {}, dep="dep-a") + other, 0))
+    src = ScrapeSource(endpoint.url, "dep-b", clock=Clock())
+    assert src.read() is None
+    endpoint.answer((200, exposition({"main": 9}, {}, dep="dep-a") + exposition({"main": 3}, {}, dep="dep-b"), 0))
+    assert src.read().arms["main"].impressions == 2  # dep-a's 8 new impressions are not dep-b's
+    endpoint.answer((200, exposition({"main": 1}, {}, dep="dep-a"), 0))
+    src = ScrapeSource(endpoint.url, "dep-b", clock=Clock())
     assert src.read() is None and src.read() is None and "no mtrec counter series yet" in src.problem
     endpoint.answer((200, b"\xff\xfe garbage {{{", 0))
     obs = src.read()
     assert obs.stale and "exposition" in src.problem
-    endpoint.answer((200, f'{IMP}{{arm="main"}} NaN\n', 0))
-    assert ScrapeSource(endpoint.url).read().stale
+    endpoint.answer((200, f'{IMP}{{deployment_id="dep",arm="main"}} NaN\n', 0))
+    src = ScrapeSource(endpoint.url, "dep")
+    assert src.read().stale and src.reason == "non_finite"
 
 
 def test_build_source_validates():
     assert build_source(None, "app", 60) is None
-    src = build_source({"kind": "prometheus", "url": "http://127.0.0.1:9"}, "app", 20)
-    assert isinstance(src, PrometheusSource) and 'application="app"' in src.queries()[0]
-    assert isinstance(build_source({"kind": "scrape", "url": "http://127.0.0.1:9/metrics"}, None, 60), ScrapeSource)
+    src = build_source({"kind": "prometheus", "url": "http://127.0.0.1:9", "scrape_interval_s": 10}, "dev.mtrec", 20)
+    assert isinstance(src, PrometheusSource) and 'deployment_id="dev.mtrec"' in src.queries()[0]
+    assert isinstance(build_source({"kind": "scrape", "url": "http://127.0.0.1:9/metrics"}, "a", 60), ScrapeSource)
     with pytest.raises(ConfigError, match="kind 'kafka'"):
-        build_source({"kind": "kafka", "url": "http://x"}, None, 60)
+        build_source({"kind": "kafka", "url": "http://x"}, "a", 60)
     with pytest.raises(ConfigError, match="url"):
-        build_source({"kind": "scrape", "url": "127.0.0.1:9"}, None, 60)
+        build_source({"kind": "scrape", "url": "127.0.0.1:9"}, "a", 60)
     with pytest.raises(ConfigError, match="unknown key"):
-        build_source({"kind": "scrape", "url": "http://x", "period": 3}, None, 60)
+        build_source({"kind": "scrape", "url": "http://x", "scrape_interval_s": 3}, "a", 60)
+    with pytest.raises(ConfigError, match="twice scrape_interval_s=15"):
+        build_source({"kind": "prometheus", "url": "http://x"}, "a", 20)
+    with pytest.raises(ConfigError, match="deployment_id='a\"b'"):
+        build_source({"kind": "prometheus", "url": "http://x"}, 'a"b', 60)
 
 
 def test_write_prometheus_config_and_missing_binary(tmp_path):

@@ -1,7 +1,7 @@
 """Run every benchmark, or a named subset, then regenerate BENCHMARKS.md.
 
     python -m bench                  # all of them (long: tens of minutes on 2 cores)
-    python -m bench data policies    # a subset
+    python -m bench data control     # a subset
     python -m bench --list
     python -m bench --report-only    # only regenerate BENCHMARKS.md from bench/results/
 
@@ -24,7 +24,7 @@ from bench import report
 BENCHMARKS: dict[str, tuple[str, list[str], str]] = {
     "data": ("bench.data_bench", [], "synthetic generator rows/s and peak memory at 1M and 10M rows"),
     "model": ("bench.model_bench", [], "forward+backward samples/s per architecture and encoder mode"),
-    "policies": ("bench.policy_bench", [], "fusion-weight policies against the oracle in the simulator"),
+    "control": ("bench.control_bench", [], "fusion-weight control: gap closed, safety and honesty in hard worlds"),
     "quality": ("bench.quality_bench", [], "single-process test AUC against the synthetic oracle as the data grows"),
     "training": ("bench.train_bench", ["throughput"], "Ray Train samples/s, 1 vs 2 workers, frozen vs finetune"),
     "movielens": ("bench.train_bench", ["movielens"], "MovieLens-100K AUC: LLM text vs ID-only"),

@@ -105,6 +105,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.axhline(bar, color="grey", ls="--", label=f"bar ({bar})")
         ax.axvline(GATE_SIZE, color="grey", ls=":", label="gate from here")
         ax.set(xscale="log", xlabel="interactions", title=f"gap to the oracle: {title}")
+        ax.set_xticks(sizes, [f"{n:,}" for n in sizes])
+        ax.minorticks_off()
         ax.legend()
     axes[0].set_ylabel("oracle AUC - test AUC")
     fig.tight_layout()

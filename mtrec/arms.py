@@ -1,8 +1,9 @@
 """Which fusion-weight arm serves a request, and what each served request showed, for its feedback.
 
-:func:`choose_arm` hashes the request id into the arms' traffic shares: the arm is decided server-side
-and never steered by a client. :class:`FeedbackLedger` remembers the arm and items of each recent
-request, so feedback (keyed by request id) is attributed to its arm and each event counted once.
+:func:`choose_arm` hashes the user id into the arms' traffic shares: the arm is decided server-side,
+never steered by a client, and a user keeps one arm. :class:`FeedbackLedger` remembers the arm and
+items of each recent request, so feedback (keyed by request id) is attributed to its arm and each
+event counted once.
 """
 
 from __future__ import annotations
@@ -57,16 +58,21 @@ class FeedbackLedger:
         return arm, new, [t for t in tasks if t not in new]
 
 
-def choose_arm(request_id: str, traffic: Mapping[str, float]) -> str:
-    """The weight arm that serves ``request_id``: a deterministic hash of the id into [0, 1) against the
-    cumulative traffic shares of the arms in name order (shares need not sum to 1; they are normalised).
-    The same id always gets the same arm, and over many ids each arm gets its share."""
-    shares = [(arm, float(s)) for arm, s in sorted(traffic.items())]
+def choose_arm(key: str, traffic: Mapping[str, float]) -> str:
+    """The weight arm that serves ``key``: the user id, so that a user sees one arm (a request id only
+    where there is no user). A deterministic hash of the key into [0, 1) against the cumulative traffic
+    shares of the arms, laid out in the order ``traffic`` lists them (shares need not sum to 1; they are
+    normalised). The same key always gets the same arm, and over many keys each arm gets its share.
+
+    The order makes the layout sticky: a policy lists its holdout first, so while the holdout's share
+    stays the same its users stay in it whatever the other arms do, and a ramping candidate last, so
+    the users it has keep it as its share grows (:class:`mtrec.fusion.Decision`)."""
+    shares = [(arm, float(s)) for arm, s in traffic.items()]
     bad = [(a, s) for a, s in shares if not math.isfinite(s) or s < 0]
     total = sum(s for _, s in shares)
     if not shares or bad or total <= 0:
         raise ValueError(f"traffic {dict(traffic)}: shares must be finite, >= 0 and sum to more than 0")
-    digest = hashlib.blake2b(request_id.encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     u = int.from_bytes(digest, "little") / 2**64 * total
     cumulative = 0.0
     for arm, s in shares:

@@ -2,7 +2,7 @@
 
 Every ``period_s`` the controller reads one window of per-arm counts from its source
 (:mod:`mtrec_serve.sources`: a Prometheus server, or Ray's metrics endpoint directly), hands it to a pure
-policy of :mod:`mtrec.fusion` (static, proportional, target, bandit), persists the policy's state,
+policy of :mod:`mtrec.fusion` (static, proportional, target, calibrated), persists the policy's state,
 publishes the weights, their staleness and the action as metrics (:mod:`mtrec_serve.metrics`) and logs
 each change with its reason. When the source fails (Prometheus down, garbage answers, samples older
 than twice the scrape interval) the policy holds the last good weights, the reading is counted in

@@ -20,10 +20,10 @@ controller instead would add a round trip to every request. With several Ingress
 that reaches another replica is refused with a 404.
 
 Every client error is a 4xx with a message: malformed JSON, a wrong type, an unknown field, NaN
-(422), a configured limit or a feedback value out of range (422), a body over ``max_body_bytes`` (413) or without a length (411), a
-bad bearer token (401), an unknown request id (404). Model-side failures answer 503; a model call
-whose replica died is sent once more (to another replica) before that. A score that is not a finite
-number is never answered (503): a 200 always carries numbers.
+(422), a configured limit or a feedback value out of range (422), a body over ``max_body_bytes``
+(413) or without a length (411), a bad bearer token (401), an unknown request id (404). Model-side
+failures answer 503; a model call whose replica died is sent once more (to another replica) before
+that. A score that is not a finite number is never answered (503): a 200 always carries numbers.
 
 Every metric the replica records carries the app's deployment id (:func:`mtrec_serve.metrics.scope`).
 """

@@ -143,7 +143,7 @@ def check_events(
         low, high = bounds
         if not low <= value <= high:
             return (
-                f"events.{task}: {value!r} is outside [{low:g}, {high:g}], the range of regression task "
-                f"{task!r}'s labels in training"
+                f"events.{task}: {value!r} is outside [{low:g}, {high:g}], the range of the labels of "
+                f"regression task {task!r} in training"
             )
     return None

@@ -208,18 +208,18 @@ def _get(url: str, timeout_s: float) -> bytes:
         raise SourceError(f"GET {url}: {type(reason).__name__}: {reason}", "unreachable") from None
 
 
-def _number(value: Any, where: str) -> float:
+def _number(value: Any, where: str, what: str = "number") -> float:
     try:
         x = float(value)
     except (TypeError, ValueError):
         raise SourceError(f"{where}: value {value!r} is not a number") from None
     if not math.isfinite(x):
-        raise SourceError(f"{where}: value {value!r} is not a finite number", "non_finite")
+        raise SourceError(f"{where}: value {value!r} is not a finite {what}", "non_finite")
     return x
 
 
 def _count(value: Any, where: str) -> float:
-    x = _number(value, where)
+    x = _number(value, where, "count >= 0")
     if x < 0:
         raise SourceError(f"{where}: value {value!r} is not a finite count >= 0")
     return x

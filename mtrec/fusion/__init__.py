@@ -4,6 +4,11 @@ Serving ranks candidates by ``score = fusion(weights, per-task predictions)`` (:
 a controller feeds windowed per-arm metrics to a policy, ``policy.update(observation) -> Decision``
 (:mod:`mtrec.fusion.control`). ``build_policy(name, weights, limits, seed, **params)`` builds one of
 :data:`POLICIES`; ``restore_policy(policy.to_state())`` rebuilds a policy after a restart.
+
+:data:`ADAPTIVE` (``calibrated``, :mod:`mtrec.fusion.calibrated`) maximises a north star against a
+permanent holdout with always-valid tests (:mod:`mtrec.fusion.stats`); ``static`` is the yardstick,
+``proportional`` the naive baseline and ``target`` holds quotas. :mod:`mtrec.fusion.simulator` and
+:mod:`mtrec.fusion.worlds` are where ``bench/control_bench.py`` tells them apart.
 """
 
 from __future__ import annotations
@@ -12,8 +17,8 @@ from typing import Any
 
 from mtrec.config import TaskSpec
 from mtrec.errors import ConfigError, check_keyword_params
-from mtrec.fusion.bandit import BanditPolicy
-from mtrec.fusion.control import MAIN, ArmCounts, Decision, Limits, Observation, Policy, project, step_toward
+from mtrec.fusion.calibrated import CalibratedPolicy
+from mtrec.fusion.control import HOLDOUT, MAIN, ArmCounts, Decision, Limits, Observation, Policy, project, step_toward
 from mtrec.fusion.policies import ProportionalPolicy, StaticPolicy, TargetPolicy
 from mtrec.fusion.score import (
     FUSIONS,
@@ -26,11 +31,12 @@ from mtrec.fusion.score import (
     value_weights,
 )
 
+ADAPTIVE = "calibrated"  # the adaptive policy ``mtrec serve`` uses by default (bench/control_bench.py measures it)
 POLICIES: dict[str, type[Policy]] = {
     "static": StaticPolicy,
     "proportional": ProportionalPolicy,
     "target": TargetPolicy,
-    "bandit": BanditPolicy,
+    "calibrated": CalibratedPolicy,
 }
 
 
@@ -79,11 +85,13 @@ def restore_policy(state: dict[str, Any]) -> Policy:
 
 
 __all__ = [
+    "ADAPTIVE",
     "FUSIONS",
+    "HOLDOUT",
     "MAIN",
     "POLICIES",
     "ArmCounts",
-    "BanditPolicy",
+    "CalibratedPolicy",
     "Decision",
     "Limits",
     "Observation",

@@ -30,6 +30,7 @@ from mtrec.errors import ConfigError
 from mtrec.fusion.score import normalise_weights
 
 MAIN = "main"  # the arm of single-arm policies
+HOLDOUT = "holdout"  # the arm that keeps the initial weights for a fixed share of users, for ever
 HISTORY = 1000  # decisions kept in Policy.history
 STATE_VERSION = 1
 
@@ -114,7 +115,7 @@ class Limits:
 
     min_weight: float = 0.02  # each weight at least this...
     max_weight: float = 0.9  # ...and at most this
-    max_step: float = 0.1  # largest change of any weight in one update (the bandit: also the spread of its arms)
+    max_step: float = 0.1  # largest change of any weight in one update (calibrated: also a candidate's distance)
     smoothing: float = 0.8  # past counts are multiplied by this each update (0: only the latest window)
     min_events: float = 100.0  # events of each task a policy reads before it acts on them
 

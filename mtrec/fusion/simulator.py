@@ -38,12 +38,12 @@ import pyarrow.parquet as pq
 from mtrec.data.contract import INTERACTIONS, read_tasks
 from mtrec.data.synthetic import GROUND_TRUTH
 from mtrec.errors import ConfigError
-from mtrec.fusion.control import ArmCounts, Limits, Observation, Policy, project
+from mtrec.fusion.control import HOLDOUT, ArmCounts, Limits, Observation, Policy, project
 from mtrec.fusion.score import fit_scales
 
 _P_CLIP = 1e-6  # probabilities are kept inside (0, 1) before taking logits
 _CACHE = 512  # slates kept per simulator (one per distinct model and weight vector)
-_GRID_POINTS = 300  # about this many simplex grid points start the oracle's search
+_GRID_POINTS = 100  # about this many simplex grid points start the oracle's search
 
 
 @dataclass
@@ -179,7 +179,8 @@ class Run:
     oracle: np.ndarray  # (R,) the phase's oracle
     main_value: np.ndarray  # (R,) the main arm alone
     main_weights: np.ndarray  # (R, T) weights of the main arm during each window
-    guardrail_ratio: np.ndarray  # (R, G) the main arm's true rate of each guarded task over the static weights'
+    main_ratio: np.ndarray  # (R, G) the main arm's true rate of each guarded task over the static weights'
+    guardrail_ratio: np.ndarray  # (R, G) the same for all the traffic outside the holdout
     actions: list[str]
     moves: list[Move]
 
@@ -210,6 +211,9 @@ class Simulator:
             m: world.phases[m].estimate / np.array([world.phases[m].scales[task] for task in world.tasks])
             for m in set(self._model)
         }
+        q, k_all, _ = world.phases[0].truth.shape
+        self._row0 = (np.arange(q) * k_all)[:, None]  # flat index of each request's first candidate
+        self._flat = [(p.truth.reshape(q * k_all, t), p.estimate.reshape(q * k_all, t)) for p in world.phases]
         self._slates: dict[tuple, np.ndarray] = {}
         self._stats: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
         self._oracles: dict[int, tuple[np.ndarray, float]] = {}
@@ -217,12 +221,13 @@ class Simulator:
     # ------------------------------------------------------------------------------ exact quantities
 
     def slate(self, weights: np.ndarray, phase: int) -> np.ndarray:
-        """``(Q, k) int64``: the candidates shown under ``weights`` in ``phase``, best first."""
+        """``(Q, k) int64``: the candidates shown under ``weights`` in ``phase``, best first, as flat row
+        indexes into the ``(Q * K, T)`` candidate arrays."""
         key = (self._model[phase], *np.round(np.asarray(weights, np.float64), 12))
         if key not in self._slates:
             scores = self._scaled[self._model[phase]] @ np.asarray(key[1:])  # (Q, K)
-            top = np.argpartition(-scores, self.k - 1, axis=1)[:, : self.k]
-            order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
+            top = np.argpartition(-scores, self.k - 1, axis=1)[:, : self.k] + self._row0
+            order = np.argsort(-scores.ravel()[top], axis=1, kind="stable")
             if len(self._slates) >= _CACHE:
                 self._slates.pop(next(iter(self._slates)))
             self._slates[key] = np.take_along_axis(top, order, axis=1)
@@ -231,13 +236,12 @@ class Simulator:
     def _rates_and_predicted(self, weights: np.ndarray, phase: int) -> tuple[np.ndarray, np.ndarray]:
         key = (phase, *np.round(np.asarray(weights, np.float64), 12))
         if key not in self._stats:
-            p = self.world.phases[phase]
-            slate = self.slate(weights, phase)[:, :, None]
-            seen = np.take_along_axis(p.truth, slate, axis=1) * self.world.examination[None, :, None]
-            predicted = np.take_along_axis(p.estimate, slate, axis=1)
+            slate = self.slate(weights, phase)
+            truth, estimate = self._flat[phase]
+            seen = self.world.examination @ truth[slate].mean(axis=0)  # (k, T) -> (T,)
             if len(self._stats) >= _CACHE:
                 self._stats.pop(next(iter(self._stats)))
-            self._stats[key] = (seen.mean(axis=(0, 1)), predicted.mean(axis=(0, 1)))
+            self._stats[key] = (seen / self.k, estimate[slate].mean(axis=(0, 1)))
         return self._stats[key]
 
     def rates(self, weights: np.ndarray, phase: int) -> np.ndarray:
@@ -315,30 +319,45 @@ class Simulator:
         rng = np.random.default_rng(seed)
         r = windows
         phases = np.array([self.world.phase_at(w, windows) for w in range(windows)])
-        value, main_value, main_w, ratios = np.zeros(r), np.zeros(r), np.zeros((r, len(policy.tasks))), []
+        value, main_value, main_w = np.zeros(r), np.zeros(r), np.zeros((r, len(policy.tasks)))
+        ratios: list[np.ndarray] = []
+        main_ratios: list[np.ndarray] = []
         actions: list[str] = []
         moves: list[Move] = []
         for w, phase in enumerate(phases):
             decision = policy.current
             arms = list(decision.traffic)
             shares = np.array([decision.traffic[a] for a in arms])
-            counts = rng.multinomial(impressions, shares / shares.sum())
+            shares = shares / shares.sum()
+            counts = rng.multinomial(impressions, shares)
             weights = {a: np.array([decision.weights[a][t] for t in policy.tasks]) for a in arms}
             served = {a: self.serve(weights[a], int(n), phase, rng) for a, n in zip(arms, counts)}
-            value[w] = sum(s * self.value(weights[a], phase) for a, s in zip(arms, shares / shares.sum()))
+            value[w] = sum(s * self.value(weights[a], phase) for a, s in zip(arms, shares))
             main_w[w] = weights[decision.main]
             main_value[w] = self.value(main_w[w], phase)
-            ratios.append(self.guardrail_ratio(main_w[w], phase))
+            outside = [(a, s) for a, s in zip(arms, shares) if a != HOLDOUT]
+            mix = sum(s * self.rates(weights[a], phase) for a, s in outside) / sum(s for _, s in outside)
+            ratios.append(mix[self._guarded] / self.rates(self.static_weights, phase)[self._guarded])
+            main_ratios.append(self.guardrail_ratio(main_w[w], phase))
             after = policy.update(Observation(float(w + 1), served))
             actions.append(after.action)
             new_main = np.array([after.weights[after.main][t] for t in policy.tasks])
             if not np.allclose(new_main, main_w[w], atol=1e-12):
-                lift = self.value(new_main, phase) / main_value[w] - 1.0
-                moves.append(Move(w, after.action, lift))
+                moves.append(Move(w, after.action, self.value(new_main, phase) / main_value[w] - 1.0))
         static = np.array([self.value(self.static_weights, p) for p in phases])
         oracle = np.array([self.oracle(p)[1] for p in phases])
         return Run(
-            list(policy.tasks), phases, value, static, oracle, main_value, main_w, np.array(ratios), actions, moves
+            list(policy.tasks),
+            phases,
+            value,
+            static,
+            oracle,
+            main_value,
+            main_w,
+            np.array(main_ratios),
+            np.array(ratios),
+            actions,
+            moves,
         )
 
 

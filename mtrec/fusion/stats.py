@@ -27,7 +27,7 @@ look and under any stopping rule.
   it alarms within a few windows of the change, where an e-process started at the promotion would
   first have to unlearn the good stretch. Its false alarms come at most once per ``e^h`` windows on
   average (Lorden 1971); an e-detector in the sense of Shin, Ramdas & Rinaldo (2023).
-- :func:`value_variance`: a bound on the per-impression variance of a weighted sum of event counts.
+- :func:`value_variance`: a bound on the per-impression variance of a weighted sum of 0/1 events.
 """
 
 from __future__ import annotations
@@ -91,6 +91,12 @@ class Evidence:
             + _log_normal_cdf(self.tau * s / math.sqrt(a))
         )
 
+    def posterior(self, prior_mean: float = 0.0) -> tuple[float, float]:
+        """``(mean, sd)`` of theta under the prior ``N(prior_mean, tau^2)`` and the Gaussian likelihood.
+        Not always valid: for allocating traffic and stopping, never for claims."""
+        precision = self.info + self.tau**-2
+        return (self.s + prior_mean * self.tau**-2) / precision, precision**-0.5
+
     def interval(self, alpha: float) -> tuple[float, float]:
         """A ``1 - alpha`` confidence sequence for theta: valid at every window at once. ``(-inf, inf)``
         before any data."""
@@ -118,6 +124,13 @@ class Cusum:
         return self.stat >= self.threshold
 
 
+def chance_above(*posteriors: tuple[float, float]) -> float:
+    """The probability that a sum of independent Gaussians, each ``(mean, sd)``, is above 0."""
+    mean = sum(m for m, _ in posteriors)
+    sd = math.sqrt(sum(s * s for _, s in posteriors))
+    return 0.5 * math.erfc(-mean / (sd * _SQRT2))
+
+
 def lond_level(alpha: float, k: int, discoveries: int) -> float:
     """The level of the ``k``-th test (1-based) after ``discoveries`` rejections, under e-LOND:
     reject when the e-value reaches ``1 / level``. Keeps the false discovery rate at most ``alpha``."""
@@ -125,8 +138,10 @@ def lond_level(alpha: float, k: int, discoveries: int) -> float:
 
 
 def value_variance(values: np.ndarray, rates: np.ndarray) -> float:
-    """An upper bound on the per-impression variance of ``sum_t values_t * x_t`` where each ``x_t`` is a
-    0/1 event with rate ``rates_t`` (``(T,)`` each): ``(sum_t |values_t| sqrt(r_t (1 - r_t)))^2``
-    (Minkowski's inequality: it holds whatever the correlation between tasks, a funnel's included)."""
-    r = np.clip(rates, 0.0, 1.0)
-    return float(np.abs(values) @ np.sqrt(r * (1 - r))) ** 2
+    """An upper bound on the per-impression variance of ``sum_t values_t * x_t``, each ``x_t`` a 0/1 event
+    with rate ``rates_t`` and ``values >= 0`` (``(T,)`` each). Two events happen together at most as often
+    as the rarer one, whatever their dependence, so the variance is at most ``sum_{t,s} v_t v_s
+    min(r_t, r_s) - (sum_t v_t r_t)^2``; it is exact for a funnel (each event implies the one before)."""
+    r = np.clip(np.asarray(rates, np.float64), 0.0, 1.0)
+    v = np.asarray(values, np.float64)
+    return float(max(v @ np.minimum.outer(r, r) @ v - (v @ r) ** 2, 0.0))

@@ -42,9 +42,10 @@ The worlds (:data:`WORLDS`):
   little less (-0.2): a sale.
 - ``drift``: the same change, reached gradually in 8 steps over a quarter of the run.
 - ``retrain``: half way the model is retrained: a fresh miscalibration and fresh noise; users stay.
-- ``reversal``: the model over- or under-estimates purchases by ``exp(0.7)`` (the sign drawn per
-  seed); half way the truth moves by twice that the other way, so the best move away from the static
-  weights reverses.
+- ``reversal``: half way, what made a shopper who carted an item buy it now puts them off (the sign
+  of ``y2`` in p(purchase | add_to_cart) flips, and buying rises as in ``step``: a clearance sale).
+  The model still ranks by the old signal, so the best purchase weight falls from above the static
+  one to below it.
 - ``conflict``: ads against purchases. Tasks ``click -> purchase`` and ``click -> ad`` (a click on a
   sponsored item, 30 % of the candidates, is paid); sponsored items attract less (``x - 0.5``) and
   sell less (``y - 0.5``). The north star values an ad click at 2 and a purchase at 30; the static
@@ -57,7 +58,7 @@ The worlds (:data:`WORLDS`):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,12 +71,12 @@ from mtrec.fusion.simulator import Phase, World, chain
 REQUESTS, CANDIDATES, SHOWN = 2000, 50, 5
 Y_CORR = 0.5
 BASE_CLICK, BASE_CART, BASE_PURCHASE = -4.6, -2.2, -1.0  # logits; served rates in the ranges above
-MISCALIBRATION, SLOPE, MODEL_NOISE = 0.7, (0.8, 1.2), 0.5
-VALUES = {"click": 1.0, "add_to_cart": 3.0, "purchase": 30.0}
+MISCALIBRATION, SLOPE, MODEL_NOISE = 1.1, (0.8, 1.2), 0.5
+VALUES = {"click": 8.0, "purchase": 30.0}  # add_to_cart is predicted, and valued by nobody
 GUARDRAILS = {"click": 0.98}
 FUNNEL, FUNNEL_PARENTS = ["click", "add_to_cart", "purchase"], [-1, 0, 1]
 SALE = np.array([-0.2, 0.6, 0.6])  # the step's change of each funnel logit
-SPONSORED, AD_VALUE, AD_VALUE_THEN = 0.3, 2.0, 1.0
+SPONSORED, AD_VALUE, AD_VALUE_THEN = 0.3, 6.0, 3.0
 _DRIFT_STEPS, _DRIFT_SPAN = 8, 0.25
 
 
@@ -128,11 +129,17 @@ def _latents(stats: LogStats, rng: np.random.Generator) -> tuple[np.ndarray, np.
     return rng.normal(0.0, stats.user_sd, (REQUESTS, 1)), latent
 
 
-def _model(cond_logits: np.ndarray, parents: list[int], rng: np.random.Generator, exact: list[int] = ()) -> np.ndarray:
+def _model(
+    cond_logits: np.ndarray,
+    parents: list[int],
+    rng: np.random.Generator,
+    exact: Sequence[int] = (),
+    miscalibration: float = MISCALIBRATION,
+) -> np.ndarray:
     """``(Q, K, T)``: a served model's full-space estimates from the true conditional logits (see the
     module docstring); the tasks in ``exact`` it knows exactly."""
     t = cond_logits.shape[-1]
-    offset = rng.uniform(-MISCALIBRATION, MISCALIBRATION, t)
+    offset = rng.uniform(-miscalibration, miscalibration, t)
     slope = rng.uniform(*SLOPE, t)
     mean = cond_logits.mean(axis=(0, 1))
     est = mean + slope * (cond_logits - mean) + offset + rng.normal(0.0, MODEL_NOISE, cond_logits.shape)
@@ -165,63 +172,37 @@ def _world(
 
 def _funnel(seed: int, stats: LogStats, flat: bool = False) -> tuple[np.ndarray, np.random.Generator]:
     """``(Q, K, 3)`` true conditional logits of the funnel, and the generator to go on drawing with.
-    ``flat``: every candidate of a request gets the request's mean (no ranking matters)."""
+    ``flat``: every candidate of a request gets the same truth (no ranking matters)."""
     rng = np.random.default_rng([seed, 16])
     user, latent = _latents(stats, rng)
     logits = np.stack(
         [BASE_CLICK + user + latent[..., 0], BASE_CART + latent[..., 1], BASE_PURCHASE + latent[..., 2]], axis=-1
     )
-    if flat:
-        logits = np.broadcast_to(logits.mean(axis=1, keepdims=True), logits.shape).copy()
+    if flat:  # each task at the mean of the request's SHOWN best: the rates a good ranking would serve
+        best = -np.sort(-logits, axis=1)[:, :SHOWN].mean(axis=1, keepdims=True)
+        logits = np.broadcast_to(best, logits.shape).copy()
     return logits, rng
 
 
 def _shifted(kind: str, seed: int, stats: LogStats) -> World:
+    """A funnel world whose second half differs by ``kind``: step, drift, retrain or reversal."""
     logits, rng = _funnel(seed, stats)
     model = _model(logits, FUNNEL_PARENTS, rng)
-    before = _phase(logits, model, FUNNEL_PARENTS, FUNNEL)
-    if kind == "step":
-        return _world(
-            kind,
-            FUNNEL,
-            FUNNEL_PARENTS,
-            VALUES,
-            [before, _phase(logits + SALE, model, FUNNEL_PARENTS, FUNNEL)],
-            [0.0, 0.5],
-        )
-    if kind == "drift":
-        steps = [
-            _phase(logits + SALE * (i / _DRIFT_STEPS), model, FUNNEL_PARENTS, FUNNEL)
-            for i in range(1, _DRIFT_STEPS + 1)
-        ]
-        starts = [0.5 + _DRIFT_SPAN * i / _DRIFT_STEPS for i in range(_DRIFT_STEPS)]
-        return _world(kind, FUNNEL, FUNNEL_PARENTS, VALUES, [before, *steps], [0.0, *starts])
-    if kind == "retrain":
+    starts = [0.0, 0.5]
+    if kind == "reversal":  # what made a shopper buy now puts them off: the purchase signal flips
+        reversed_ = logits.copy()
+        reversed_[..., 2] = 2 * BASE_PURCHASE - logits[..., 2] + SALE[2]
+        truths = [logits, reversed_]
+    elif kind == "drift":
+        truths = [logits + SALE * (i / _DRIFT_STEPS) for i in range(_DRIFT_STEPS + 1)]
+        starts += [0.5 + _DRIFT_SPAN * i / _DRIFT_STEPS for i in range(1, _DRIFT_STEPS)]
+    else:
+        truths = [logits, logits + SALE if kind == "step" else logits]
+    phases = [_phase(t, model, FUNNEL_PARENTS, FUNNEL) for t in truths]
+    if kind == "retrain":  # a new model, swapped in under the same serving configuration (its scales)
         retrained = _model(logits, FUNNEL_PARENTS, rng)
-        return _world(
-            kind,
-            FUNNEL,
-            FUNNEL_PARENTS,
-            VALUES,
-            [before, _phase(logits, retrained, FUNNEL_PARENTS, FUNNEL)],
-            [0.0, 0.5],
-        )
-    if kind == "reversal":
-        sign = rng.choice([-1.0, 1.0])
-        # the purchase estimate errs by sign * MISCALIBRATION before the shift, by the opposite after
-        err = np.zeros(3)
-        err[2] = sign * MISCALIBRATION
-        truth = logits - err  # the model (fit to ``logits``) now over-estimates by ``err``
-        first = _phase(truth, model, FUNNEL_PARENTS, FUNNEL)
-        return _world(
-            kind,
-            FUNNEL,
-            FUNNEL_PARENTS,
-            VALUES,
-            [first, _phase(truth + 2 * err, model, FUNNEL_PARENTS, FUNNEL)],
-            [0.0, 0.5],
-        )
-    raise ConfigError(f"unknown shift {kind!r}")
+        phases[1] = Phase(phases[1].truth, retrained, phases[0].scales)
+    return _world(kind, FUNNEL, FUNNEL_PARENTS, VALUES, phases, starts)
 
 
 def _conflict(seed: int, stats: LogStats) -> World:
@@ -233,11 +214,11 @@ def _conflict(seed: int, stats: LogStats) -> World:
     paid = np.where(sponsored, 20.0, -20.0)  # logit of p(ad | click): 1 for a sponsored item, 0 otherwise
     tasks, parents = ["click", "purchase", "ad"], [-1, 0, 0]
     logits = np.stack([BASE_CLICK + user + x, BASE_CART + BASE_PURCHASE + y, paid], axis=-1)
-    model = _model(logits, parents, rng, exact=[2])
-    blind = logits.copy()
-    blind[..., 0] -= 0.4 * sponsored
+    model = _model(logits, parents, rng, exact=[2], miscalibration=0.0)
+    relevant = logits.copy()
+    relevant[..., 0] += 0.4 * sponsored
     values = {"purchase": VALUES["purchase"], "ad": AD_VALUE}
-    phases = [_phase(logits, model, parents, tasks), _phase(blind, model, parents, tasks)]
+    phases = [_phase(logits, model, parents, tasks), _phase(relevant, model, parents, tasks)]
     return _world("conflict", tasks, parents, values, phases, [0.0, 0.5], values | {"ad": AD_VALUE_THEN})
 
 

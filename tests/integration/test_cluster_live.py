@@ -43,6 +43,7 @@ ray.init()
 class Emitter:
     def emit(self):
         from mtrec_serve import metrics as m
+        m.scope("test.mtrec")
         for arm in ("main", "explore"):
             m.record_impressions(arm, 40)
             for task in ("click", "purchase"):
@@ -162,7 +163,8 @@ def test_dashboard_and_alert_queries_read_live_series(local_cluster):
     for name in sorted(set().union(*map(manifest_checks.metric_names, exprs))):
         wait_for(lambda n=name: promql(prometheus, f"count({n})")["data"]["result"], 90, f"series {name}")
     time.sleep(12)  # two more scrapes: rate() needs two samples
-    values = {"$__rate_interval": "1m", "$cluster": ".*", "$ctr_task": "click", "$cvr_task": "purchase"}
+    values = {"$__rate_interval": "1m", "$cluster": ".*", "$deployment": "test.mtrec"}
+    values |= {"$ctr_task": "click", "$cvr_task": "purchase"}
     for expr in manifest_checks.dashboard_exprs(board):
         for var, value in values.items():
             expr = expr.replace(var, value)

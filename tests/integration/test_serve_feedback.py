@@ -2,13 +2,18 @@
 Ray's metrics port -> a real Prometheus -> the WeightController -> the weights the Ingress serves.
 
 Feedback clicks on far fewer impressions than the click target asks for, so the target policy must
-raise the click weight; with Prometheus stopped, the weights hold and requests keep succeeding."""
+raise the click weight; with Prometheus stopped, the weights hold and requests keep succeeding. A
+regression event beyond what training saw is refused, so the weights stay finite. The bundle is an
+ID-only model of the synthetic search scenario: a binary task (click) and a regression task
+(dwell_time)."""
 
 from __future__ import annotations
 
 import json
+import math
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import pyarrow.parquet as pq
@@ -17,8 +22,10 @@ import pytest
 pytestmark = pytest.mark.timeout(300)
 
 APP = "mtrec-feedback-test"
+DEPLOYMENT = "feedback-test"
 PREFIX = "/feedback-test"
 PERIOD_S = 1.5
+SCRAPE_S = 2.5  # the controller's scrape interval: a margin over the fixture's 1 s scrapes on a loaded machine
 QUARTER = {"ray_actor_options": {"num_cpus": 0.25}}
 PINNED = {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 8}
 
@@ -38,15 +45,33 @@ def weights(url: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def app(ray_cluster, serve_http, serve_bundle, prometheus_server, tmp_path_factory):
+def search_bundle(tmp_path_factory):
+    """A small ID-only bundle of the search scenario (click and dwell_time), trained in-process (seconds)."""
+    from mtrec.config import Config
+    from mtrec.data.synthetic import generate
+    from mtrec.engine import fit
+
+    root = tmp_path_factory.mktemp("search-bundle")
+    data = generate("search", root / "data", num_users=80, num_items=60, num_interactions=4000, seed=5)
+    cfg = Config().override(
+        ["train.epochs=1", "data.max_history=5", "model.id_buckets=11", "model.proj_dim=32", "model.expert_dim=32"]
+        + ["encoder.mode=none"]
+    )
+    return fit(cfg, data, work_dir=root / "work").save_bundle(root / "bundle", cfg), data
+
+
+@pytest.fixture(scope="module")
+def app(ray_cluster, serve_http, search_bundle, prometheus_server, tmp_path_factory):
     import ray.serve
 
     from mtrec_serve.app import AppArgs, graph
 
-    bundle, data = serve_bundle
+    bundle, data = search_bundle
     args = AppArgs(
         bundle=str(bundle),
         prometheus_url=prometheus_server.url,
+        scrape_interval_s=SCRAPE_S,
+        deployment_id=DEPLOYMENT,
         policy="target",
         policy_params={"targets": {"click": 0.5}, "gain": 2.0},
         limits={"min_events": 5, "max_step": 0.1, "smoothing": 0.0},
@@ -62,8 +87,14 @@ def app(ray_cluster, serve_http, serve_bundle, prometheus_server, tmp_path_facto
         graph(args, {**options, "Ingress": QUARTER, "WeightController": QUARTER}), name=APP, route_prefix=PREFIX
     )
     items = [r["item_id"] for r in pq.read_table(data / "items.parquet", columns=["item_id"]).to_pylist()]
-    yield serve_http + PREFIX, items
+    yield serve_http + PREFIX, items, bundle
     ray.serve.delete(APP)
+
+
+def promql(prometheus_url: str, query: str) -> list[dict]:
+    url = f"{prometheus_url}/api/v1/query?" + urllib.parse.urlencode({"query": query})
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())["data"]["result"]
 
 
 def traffic(url: str, items: list, requests: int, click_every: int) -> int:
@@ -87,7 +118,7 @@ def traffic(url: str, items: list, requests: int, click_every: int) -> int:
 def test_feedback_over_http_moves_the_weights_and_they_hold_without_prometheus(app, prometheus_server):
     from mtrec_cluster.prometheus import start_prometheus, stop_prometheus
 
-    url, items = app
+    url, items, _ = app
     start = weights(url)
     click0 = start["weights"][start["main"]]["click"]
 
@@ -100,6 +131,9 @@ def test_feedback_over_http_moves_the_weights_and_they_hold_without_prometheus(a
             moved = d
     assert moved is not None, f"the click weight did not rise from {click0:.3f}: {weights(url)}"
     assert "click" in moved["reason"] and "vs targets" in moved["reason"]
+    # every series the Ingress emits carries the app's deployment id, the one the controller's queries read
+    ours = promql(prometheus_server.url, f'ray_mtrec_requests_total{{application="{APP}"}}')
+    assert ours and {s["metric"].get("deployment_id") for s in ours} == {DEPLOYMENT}
 
     assert stop_prometheus(prometheus_server.data_dir)
     try:
@@ -115,3 +149,34 @@ def test_feedback_over_http_moves_the_weights_and_they_hold_without_prometheus(a
         assert later["staleness_s"] > held["staleness_s"]
     finally:
         start_prometheus(prometheus_server.config, prometheus_server.port, prometheus_server.data_dir)
+
+
+def test_regression_feedback_beyond_the_training_range_is_refused_and_the_weights_stay_finite(app):
+    from mtrec.bundle import load_bundle
+
+    url, items, bundle = app
+    low, high = load_bundle(bundle).meta.label_range["dwell_time"]
+    status, body = post(url + "/v1/recommend", {"user_id": 7, "candidates": items[:20], "k": 5})
+    assert status == 200 and set(body) == {"request_id", "items"}, body  # no arm, no weights version
+    top = body["items"][0]["item_id"]
+
+    def feedback(value: float) -> tuple[int, dict]:
+        return post(
+            url + "/v1/feedback", {"request_id": body["request_id"], "item_id": top, "events": {"dwell_time": value}}
+        )
+
+    status, out = feedback(1e308)
+    assert status == 422 and "dwell_time" in out["detail"] and "1e+308" in out["detail"], out
+    assert f"[{low:g}, {high:g}]" in out["detail"], out
+    assert feedback(high * 1.01)[0] == 422 and feedback(low - 1.0)[0] == 422
+    status, out = feedback(high)
+    assert status == 200 and out["recorded"] == ["dwell_time"], out
+
+    time.sleep(4 * PERIOD_S)  # a few controller steps over the counts that include it
+    d = weights(url)
+    assert all(math.isfinite(w) for arm in d["weights"].values() for w in arm.values()), d
+    for q in range(5):
+        status, body = post(url + "/v1/recommend", {"user_id": q, "candidates": items[:20], "k": 5})
+        assert status == 200 and all(
+            isinstance(it["score"], float) and math.isfinite(it["score"]) for it in body["items"]
+        )

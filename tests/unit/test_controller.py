@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 
 import pytest
 
 from mtrec.errors import ConfigError
 from mtrec.fusion import ArmCounts, Observation
-from mtrec_serve.controller import ControlLoop
+from mtrec_serve.controller import ControlLoop, state_file
 
 TASKS = ["click", "buy"]
 WEIGHTS = {"click": 1.0, "buy": 1.0}
@@ -24,12 +26,15 @@ class Clock:
 
 
 class FakeSource:
-    """Yields queued readings; an exhausted queue reads as a stale observation (an outage)."""
+    """Yields queued readings, whose samples are as fresh as the read; an exhausted queue reads as a
+    stale observation (an outage: no new sample)."""
 
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
         self.queue: list[Observation | None] = []
         self.problem: str | None = None
+        self.reason: str | None = None
+        self.newest_sample_at: float | None = None
 
     def window(self, impressions: float, events: dict[str, float], arms: list[str] | None = None) -> None:
         counts = ArmCounts(impressions, events)
@@ -39,8 +44,10 @@ class FakeSource:
         self.clock.t += 10
         if not self.queue:
             self.problem = "prometheus http://x: ConnectionRefusedError"
+            self.reason = "unreachable"
             return Observation(self.clock.t, {}, stale=True)
-        self.problem = None
+        self.problem = self.reason = None
+        self.newest_sample_at = self.clock.t
         obs = self.queue.pop(0)
         return None if obs is None else Observation(self.clock.t, obs.arms)
 
@@ -50,6 +57,7 @@ class Recorder:
         self.weights: list[tuple[dict, dict, set]] = []
         self.staleness: list[float] = []
         self.updates: list[str] = []
+        self.rejected: list[str] = []
 
     def set_weights(self, weights, traffic, gone) -> None:
         self.weights.append((weights, traffic, set(gone)))
@@ -59,6 +67,9 @@ class Recorder:
 
     def record_update(self, action: str) -> None:
         self.updates.append(action)
+
+    def record_rejected_read(self, reason: str) -> None:
+        self.rejected.append(reason)
 
 
 def loop(tmp_path, policy="proportional", params=None, source=True, clock=None, publish=None, limits=LIMITS):
@@ -105,6 +116,7 @@ def test_outage_holds_weights_and_staleness_rises(tmp_path):
     assert "ConnectionRefusedError" in held[-1]["reason"]
     assert [round(h["staleness_s"]) for h in held] == [10, 20, 30]
     assert publish.staleness[-3:] == [10, 20, 30]
+    assert publish.rejected == ["unreachable"] * 3
     src.window(1000, {"click": 300, "buy": 30})
     back = control.step()
     assert back["action"] == "update" and back["staleness_s"] == 0
@@ -168,3 +180,56 @@ def test_retired_bandit_arms_are_published_as_gone(tmp_path):
     control.step(), control.step()
     gone = publish.weights[-1][2]
     assert gone and gone <= first and not gone & set(control.decision()["weights"])
+
+
+def test_staleness_is_the_age_of_the_newest_sample(tmp_path):
+    """A source whose samples stopped coming (a dead target) makes the weights hold and the staleness
+    the age of its newest sample, not the time since the last read that answered."""
+    publish = Recorder()
+    control, src, clock = loop(tmp_path, publish=publish)
+    assert control.decision()["staleness_s"] == 0  # since start-up, until a sample is read
+    src.queue.append(None)
+    control.step()
+    sampled = src.newest_sample_at
+    src.read = lambda: (  # Prometheus answers, but with the same old samples
+        setattr(clock, "t", clock.t + 10) or setattr(src, "reason", "stale") or Observation(clock.t, {}, stale=True)
+    )
+    held = [control.step() for _ in range(3)]
+    assert [h["action"] for h in held] == ["hold"] * 3
+    assert held[-1]["staleness_s"] == clock.t - sampled == 30
+    assert publish.rejected == ["stale"] * 3
+    again, _, _ = loop(tmp_path, clock=clock)  # the newest sample's time survives a restart
+    assert again.decision()["staleness_s"] == 30
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the policy dividing infinities: the poison
+def test_a_tally_that_overflows_is_never_used(tmp_path):
+    """Windows of finite but huge counts drive a tally to infinity: that update is undone, the last good
+    weights hold, the rejection is counted, and the policy goes on from its last good state."""
+    publish = Recorder()
+    control, src, _ = loop(tmp_path, publish=publish, limits=LIMITS | {"smoothing": 0.9})
+    src.queue.append(None)
+    src.window(1000, {"click": 300, "buy": 30})
+    src.window(1000, {"click": 300, "buy": 1.5e308})
+    src.window(1000, {"click": 300, "buy": 1.5e308})  # 0.9 * 1.5e308 + 1.5e308 overflows
+    src.window(1000, {"click": 300, "buy": 30})
+    control.step(), control.step()
+    good = control.step()
+    assert good["action"] == "update" and all(math.isfinite(w) for w in good["weights"]["main"].values())
+    held = control.step()
+    assert held["action"] == "hold" and held["weights"] == good["weights"] and held["version"] == good["version"]
+    assert re.search(r"hold: policy\.\S+ = (nan|inf); .*last good weights kept", held["reason"]), held["reason"]
+    assert publish.rejected == ["non_finite"]
+    saved = json.loads((tmp_path / "state.json").read_text())  # what was persisted is the last good state
+    assert saved["version"] == good["version"] and saved["policy_state"]["decision"]["weights"] == good["weights"]
+    after = control.step()
+    assert after["action"] != "hold" and all(math.isfinite(w) for w in after["weights"]["main"].values())
+
+
+def test_each_deployment_has_its_own_state_file(tmp_path):
+    assert (
+        state_file(str(tmp_path / "controller-state.json"), "prod.mtrec")
+        == tmp_path / "controller-state.prod.mtrec.json"
+    )
+    assert state_file(str(tmp_path / "state"), "dev") == tmp_path / "state.dev"
+    assert state_file(None, "dev") is None

@@ -1,5 +1,8 @@
 """The real packaged models: all-MiniLM-L6-v2 and SmolLM2-135M-Instruct (de-quantised from its GGUF
-once per machine, then loaded from ~/.cache/mtrec/models). Each loads once per test session."""
+once per machine, then loaded from ~/.cache/mtrec/models). Each loads once per test session.
+
+What holds for any model (pooling, padding, layers, LoRA placement and training steps) is tested on
+tiny random models in test_encoders.py; here, only what needs the real weights."""
 
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ import torch
 
 from mtrec.config import EncoderConfig
 from mtrec.encoders import TextEncoder, resolve_model_path
+
+pytestmark = pytest.mark.slow
 
 GROUPS = {
     "scifi": [
@@ -93,39 +98,6 @@ def test_smollm2_is_a_cached_decoder(smollm2):
     torch.testing.assert_close(
         last.encode(TEXTS[:4]), torch.cat([last.encode([t]) for t in TEXTS[:4]]), atol=1e-4, rtol=1e-4
     )
-
-
-def test_smollm2_lora_step_changes_only_adapters_and_heads(smollm2):
-    """A training step of the multi-task model on the real SmolLM2 with LoRA on its top 2 layers."""
-    from test_models import tiny_batch, tiny_config, tiny_meta
-
-    from mtrec.config import TaskSpec
-    from mtrec.engine import make_optimizer, train_step
-    from mtrec.models import build_model
-    from mtrec.weighting import StepContext, build_weighting
-
-    tasks = [TaskSpec("click"), TaskSpec("like", depends_on="click")]
-    meta = tiny_meta(tasks)
-    cfg = tiny_config("mmoe", mode="finetune")
-    cfg.encoder = EncoderConfig(name="smollm2", mode="finetune", finetune="lora", finetune_layers=2, max_length=16)
-    cfg.train.encoder_lr = 1e-3
-    encoder = TextEncoder.from_config(cfg.encoder)  # its own copy: the session fixture stays frozen
-    assert encoder.lora["target"] == ["q_proj", "v_proj"] and encoder.base_digest() == smollm2.base_digest()
-    model = build_model(cfg, meta, None, encoder)
-    weighting = build_weighting("static", tasks)
-    optimizer = make_optimizer(model, weighting, cfg)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    out = train_step(model, weighting, optimizer, tiny_batch(meta), StepContext())
-    assert all(np.isfinite(out["losses"]))
-
-    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    adapters = {n for n in before if "lora_" in n}
-    assert adapters and all(".layers.28." in n or ".layers.29." in n for n in adapters)
-    assert any(".lora_B." in n for n in changed & adapters)
-    assert not any(n.startswith("encoder.") for n in changed - adapters)  # the 134.5M base weights stay
-    assert changed - adapters  # the heads and towers trained too
-    vectors = encoder.encode(TEXTS, batch_size=6)
-    assert torch.isfinite(vectors).all() and not torch.allclose(vectors, smollm2.encode(TEXTS, batch_size=6))
 
 
 def cv_ridge_r2(x: np.ndarray, y: np.ndarray, alpha: float = 10.0, folds: int = 5) -> float:

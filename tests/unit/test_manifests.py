@@ -516,9 +516,18 @@ def test_alert_rules_pass_promtool(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert {r["alert"] for g in doc["spec"]["groups"] for r in g["rules"]} >= {
         "MtrecControllerStale",
+        "MtrecControllerNonFiniteInput",
+        "MtrecControllerRejectingReads",
         "MtrecHighErrorRate",
         "MtrecHighLatency",
     }
+
+
+def test_monitoring_keeps_each_deployment_apart():
+    """Deployments sharing a Prometheus (dev and prod) must not mix: every dashboard query filters on the
+    deployment, and every alert but the absence check is per deployment."""
+    assert all('deployment_id=~"$deployment"' in e for e in dashboard_exprs(dashboard())), dashboard_exprs(dashboard())
+    assert all("deployment_id" in e for e in rule_exprs() if not e.startswith("absent(")), rule_exprs()
 
 
 def test_podmonitors_select_ray_pods_by_node_type():

@@ -78,9 +78,7 @@ def exposition(imp: dict[str, float], ev: dict[tuple[str, str], float], replica:
     lines = [f"# TYPE {IMP} counter"]
     lines += [f'{IMP}{{deployment_id="{dep}",arm="{a}",replica="{replica}"}} {n}' for a, n in imp.items()]
     lines += [f"# TYPE {EV} counter"]
-    lines += [
-        f'{EV}{{deployment_id="{dep}",arm="{a}",task="{t}",replica="{replica}"}} {n}' for (a, t), n in ev.items()
-    ]
+    lines += [f'{EV}{{deployment_id="{dep}",arm="{a}",task="{t}",replica="{replica}"}} {n}' for (a, t), n in ev.items()]
     lines += ['ray_other_total{arm="main"} 99', ""]
     return "\n".join(lines)
 
@@ -151,9 +149,13 @@ def test_prometheus_source_differences_cumulative_counters_of_its_deployment(end
         ((500, "internal error", 0.0), "HTTP 500", "unreachable"),
         ((200, "<html>not json</html>", 0.0), "not JSON", "malformed"),
         ((200, json.dumps({"status": "error", "error": "parse error"}), 0.0), "parse error", "malformed"),
-        ((200, json.dumps({"status": "success", "data": {"resultType": "vector", "result": []}}), 0.0), "matrix", "malformed"),
-        ((200, prom([({"arm": "main"}, "NaN")]), 0.0), "not a finite number", "non_finite"),
-        ((200, prom([({"arm": "main"}, "+Inf")]), 0.0), "not a finite number", "non_finite"),
+        (
+            (200, json.dumps({"status": "success", "data": {"resultType": "vector", "result": []}}), 0.0),
+            "matrix",
+            "malformed",
+        ),
+        ((200, prom([({"arm": "main"}, "NaN")]), 0.0), "not a finite count", "non_finite"),
+        ((200, prom([({"arm": "main"}, "+Inf")]), 0.0), "not a finite count", "non_finite"),
         ((200, prom([({"arm": "main"}, "-3")]), 0.0), "not a finite count", "malformed"),
         ((200, prom([({"arm": "main"}, "abc")]), 0.0), "not a number", "malformed"),
         (
@@ -193,9 +195,12 @@ def test_old_samples_are_stale_and_their_series_held(endpoint):
     a = {"__name__": IMP, "arm": "main", "replica": "a"}
     b = {"__name__": IMP, "arm": "main", "replica": "b"}
     endpoint.answer(
-        (200, prom([(a, "100"), (b, "50")], at=1009), 0), (200, prom([]), 0),  # read 1: baseline
-        (200, prom([(a, "100"), (b, "50")], at=1005), 0), (200, prom([]), 0),  # read 2 at 1020: both 15 s old
-        (200, prom([(a, "130")], at=1029), 0), (200, prom([]), 0),  # read 3 at 1030: a fresh
+        (200, prom([(a, "100"), (b, "50")], at=1009), 0),
+        (200, prom([]), 0),  # read 1: baseline
+        (200, prom([(a, "100"), (b, "50")], at=1005), 0),
+        (200, prom([]), 0),  # read 2 at 1020: both 15 s old
+        (200, prom([(a, "130")], at=1029), 0),
+        (200, prom([]), 0),  # read 3 at 1030: a fresh
     )
     src = PrometheusSource(endpoint.url, "dep", window_s=60, scrape_interval_s=5, clock=clock)
     assert src.read() is None
@@ -279,19 +284,27 @@ def test_write_prometheus_config_and_missing_binary(tmp_path):
 
 
 def test_prometheus_source_against_a_real_prometheus(endpoint, tmp_path):
-    """PromQL and label filtering end to end: a real Prometheus scraping canned exposition text."""
+    """PromQL, deployment scoping and staleness end to end: a real Prometheus scraping canned exposition
+    text of two deployments; then the target dies and its last samples, which Prometheus still returns,
+    make the reads stale instead of quiet."""
     from mtrec_cluster.prometheus import DEFAULT_BINARY, start_prometheus, write_prometheus_config
 
     if not os.path.exists(DEFAULT_BINARY):
         pytest.skip(f"{DEFAULT_BINARY} not installed")
-    endpoint.answer((200, exposition({"main": 100}, {("main", "click"): 10}), 0))
+
+    def both(ours: float, theirs: float) -> str:
+        return exposition({"main": ours}, {("main", "click"): ours / 10}) + exposition(
+            {"main": theirs}, {("main", "click"): theirs / 10}, dep="other"
+        )
+
+    endpoint.answer((200, both(100, 1000), 0))
     host = endpoint.url.removeprefix("http://")
     config = write_prometheus_config(tmp_path / "p.yml", targets=[host], scrape_interval_s=0.5)
     server = start_prometheus(config, timeout_s=30)
     try:
-        src = PrometheusSource(server.url, app="app", window_s=10)
+        src = PrometheusSource(server.url, "dep", window_s=10, scrape_interval_s=0.5)
         _until(lambda: src.read() is None and src.problem is None, "the baseline")  # set by the first scrape
-        endpoint.answer((200, exposition({"main": 160}, {("main", "click"): 16}), 0))
+        endpoint.answer((200, both(160, 5000), 0))
         seen = {"impressions": 0.0, "click": 0.0}
 
         def counted() -> bool:
@@ -303,7 +316,13 @@ def test_prometheus_source_against_a_real_prometheus(endpoint, tmp_path):
             return seen["impressions"] >= 60
 
         _until(counted, "the new counts")
-        assert seen == {"impressions": 60.0, "click": 6.0}  # neither ray_other_total nor the baseline counted
+        # neither ray_other_total, nor the other deployment's 4000, nor the baseline counted
+        assert seen == {"impressions": 60.0, "click": 6.0}
+
+        endpoint.answer((500, "target down", 0))  # the scrape fails from now on
+        _until(lambda: src.read().stale and src.reason == "stale", "the dead target's samples to turn stale")
+        assert "old, more than 1 s" in src.problem
+        assert time.time() - src.newest_sample_at > 1.0  # the staleness gauge's age is the newest sample's
     finally:
         server.stop()
 

@@ -102,7 +102,8 @@ def graph(args: AppArgs, options: dict[str, dict[str, Any]] | None = None) -> ra
         raise ConfigError(f"bundle: {args.bundle} is not a directory")
     # Every check the replicas will run (checksums, version, weight shapes), before Serve sees the app:
     # a bad bundle raises here, so a redeploy never replaces a serving app with one that cannot start.
-    tasks = load_bundle(args.bundle).meta.tasks
+    bundle = load_bundle(args.bundle)
+    tasks = bundle.meta.tasks
     options = options or {}
     unknown = sorted(set(options) - {"Ingress", "Embedder", "TaskHeads", "WeightController"})
     if unknown:
@@ -126,6 +127,7 @@ def graph(args: AppArgs, options: dict[str, dict[str, Any]] | None = None) -> ra
         period_s=args.period_s,
         window_s=args.window_s,
         deployment_id=args.deployment_id,
+        scales=dict(bundle.fusion_scales),  # the calibrated policy's (the Ingress divides by the same)
     )
     return Ingress.options(**opts("Ingress")).bind(embedder, heads, controller, args.model_dump())
 

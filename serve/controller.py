@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import inspect
 import json
 import logging
 import math
@@ -43,7 +44,7 @@ from typing import Any, Protocol
 import ray.serve
 
 from mtrec.errors import ConfigError, check_names
-from mtrec.fusion import Decision, Limits, Observation, Policy, build_policy, restore_policy
+from mtrec.fusion import POLICIES, Decision, Limits, Observation, Policy, build_policy, restore_policy
 from mtrec.io import atomic_write_text
 from mtrec_serve import metrics as serve_metrics
 from mtrec_serve.metrics import deployment_id as resolve_deployment_id
@@ -68,6 +69,11 @@ class ControlLoop:
 
     ``source`` None: no feedback, the weights hold. ``publish``: the metrics hooks (``set_weights``,
     ``set_staleness``, ``record_update``, ``record_rejected_read``), :mod:`mtrec_serve.metrics` by default.
+    ``scales``: the bundle's fusion scales (task -> the scale each task's predictions are divided by
+    before fusion), given to a policy that takes ``scales`` (``calibrated``: its calibrated weights and
+    its default ``values``, the initial weights divided by the scales, depend on them) unless
+    ``policy_params`` sets them; they are part of the configuration a state file must match, so a
+    retrained bundle does not resume a policy fitted to the old one's scales.
     """
 
     def __init__(
@@ -81,12 +87,15 @@ class ControlLoop:
         state_path: str | Path | None = None,
         clock: Callable[[], float] = time.time,
         publish: Any = serve_metrics,
+        scales: dict[str, float] | None = None,
     ) -> None:
         missing = [t for t in tasks if t not in weights]
         extra = sorted(set(weights) - set(tasks))
         if missing or extra or not tasks:
             raise ConfigError(f"WeightController: weights {weights} must give one weight per task of {tasks}")
         params = dict(policy_params or {})
+        if scales is not None and "scales" not in params and _takes(policy, "scales"):
+            params["scales"] = {t: float(scales[t]) for t in tasks if t in scales}
         self._config = {
             "policy": policy,
             "tasks": list(tasks),
@@ -173,7 +182,9 @@ class ControlLoop:
         return self.apply(self.read())
 
     def decision(self) -> dict[str, Any]:
-        """The weights in force: the agreed ``decision()`` dict (plus ``main``, the arm of most traffic)."""
+        """The weights in force: the agreed ``decision()`` dict (plus ``main``, the arm of most traffic, and
+        ``report``, what the policy measured: for ``calibrated`` the main arm's lift over the holdout with
+        its always-valid 95 % interval, the guardrails and the candidate's stage)."""
         d = self._policy.current
         return {
             "version": self._version,
@@ -185,6 +196,7 @@ class ControlLoop:
             "updated_at": self._updated_at,
             "staleness_s": self.staleness_s(),
             "policy": self._policy.name,
+            "report": d.report,
         }
 
     def history(self, n: int = 50) -> list[dict[str, Any]]:
@@ -276,6 +288,12 @@ def state_file(state_path: str | None, deployment_id: str) -> Path | None:
     return path.with_name(f"{path.stem}.{deployment_id}{path.suffix}")
 
 
+def _takes(policy: str, param: str) -> bool:
+    """Whether policy ``policy`` (a name of :data:`mtrec.fusion.POLICIES`; False when unknown) takes ``param``."""
+    cls = POLICIES.get(policy)
+    return cls is not None and param in inspect.signature(cls.__init__).parameters
+
+
 def _limits(limits: dict[str, float] | None) -> Limits:
     check_names("WeightController", limits or {}, [f.name for f in fields(Limits)], noun="limit")
     return Limits(**(limits or {}))
@@ -291,7 +309,8 @@ class WeightController:
     None (weights hold) (see :func:`mtrec_serve.sources.build_source`). ``deployment_id``: whose series
     count and whose state file this is (None: derived from this replica's Serve application, see
     :func:`mtrec_serve.metrics.deployment_id`). ``window_s``: how far back Prometheus may look for a
-    series' latest sample (see :class:`mtrec_serve.sources.PrometheusSource`).
+    series' latest sample (see :class:`mtrec_serve.sources.PrometheusSource`). ``scales``: the bundle's
+    fusion scales, for a policy that needs them (see :class:`ControlLoop`).
     """
 
     def __init__(
@@ -306,6 +325,7 @@ class WeightController:
         period_s: float = 10.0,
         window_s: float = 60.0,
         deployment_id: str | None = None,
+        scales: dict[str, float] | None = None,
     ) -> None:
         if not (math.isfinite(period_s) and period_s > 0):
             raise ConfigError(f"WeightController: period_s={period_s!r} must be a positive number of seconds")
@@ -322,6 +342,7 @@ class WeightController:
             limits,
             build_source(source, deployment, window_s),
             state_file(state_path, deployment),
+            scales=scales,
         )
         self._period_s = float(period_s)
         self._lock = asyncio.Lock()  # one step at a time: the background loop and step() calls

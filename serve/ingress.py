@@ -2,9 +2,12 @@
 
 ``POST /v1/recommend`` maps the request to model indexes (:class:`mtrec.inference.Catalog`), asks the
 ``Embedder`` for the vectors of texts the bundle lacks (none for catalog items), the ``TaskHeads`` for
-per-task predictions, picks the request's weight arm (:func:`mtrec.arms.choose_arm`) and ranks by the
+per-task predictions, picks the weight arm of the request's user (:func:`mtrec.arms.choose_arm` on
+the user id: a user keeps one arm; a request without a user id would hash its request id) and ranks by the
 fused score (:func:`mtrec.fusion.rank`, each task divided by the fusion scale training stored in the
 bundle). ``POST /v1/score`` scores every candidate in request order.
+Each recommendation counts its impressions and, per task, the sum of its items' predictions (the
+predicted events the ``calibrated`` policy sets against the events) under its arm.
 ``POST /v1/feedback`` counts events per task and arm, once per (request, item, task); a regression
 event must lie within the range of the task's labels in training. Responses name no arm and no
 weights version: the arm is recorded server-side with the request, so a client cannot choose which
@@ -238,9 +241,15 @@ class Ingress:
         m.observe_latency("heads", 1000 * (time.perf_counter() - t))
         return preds, start
 
-    def _arm(self) -> tuple[str, str, dict[str, float]]:
+    def _arm(self, user_id: Any) -> tuple[str, str, dict[str, float]]:
+        """A new request id, and the arm (with its weights) of the request's user: a sticky hash of the
+        user id into the traffic shares in the order the policy lists them (holdout first, a ramping
+        candidate last), so a user keeps one arm through a ramp. The id is hashed as a string (user 7
+        and user "7" are one user). A request without a user id (none today: the body requires one)
+        hashes its request id instead, so such requests spread over the arms one by one."""
         request_id = uuid.uuid4().hex
-        arm = choose_arm(request_id, self._decision["traffic"])
+        key = request_id if user_id is None or user_id == "" else str(user_id)
+        arm = choose_arm(key, self._decision["traffic"])
         return request_id, arm, self._decision["weights"][arm]
 
     @api.post("/v1/recommend", response_model=RecommendResponse)
@@ -250,7 +259,7 @@ class Ingress:
         request = body.request()
         preds, start = await self._predict(request)
         t = time.perf_counter()
-        request_id, arm, weights = self._arm()
+        request_id, arm, weights = self._arm(request.user_id)
         best, scores = rank(preds, weights, body.k, self._catalog.fusion_scales)
         scores = _finite(scores, arm)
         ids = [request.candidates[i].item_id for i in best]
@@ -261,8 +270,10 @@ class Ingress:
         self._ledger.remember(request_id, arm, ids)
         m = _metrics()
         m.record_impressions(arm, len(items))
-        for task, p in preds.items():
-            m.observe_predictions(task, p[best])
+        shown = {task: p[best] for task, p in preds.items()}
+        m.record_predicted(arm, shown)  # the calibrated policy's predicted events, beside the impressions
+        for task, p in shown.items():
+            m.observe_predictions(task, p)
         m.observe_fused(scores)
         now = time.perf_counter()
         m.observe_latency("fuse", 1000 * (now - t))
@@ -275,7 +286,7 @@ class Ingress:
         self._authorize(authorization)
         request = body.request()
         preds, _ = await self._predict(request)
-        request_id, arm, weights = self._arm()
+        request_id, arm, weights = self._arm(request.user_id)
         scores = _finite(fuse(preds, weights, self._catalog.fusion_scales), arm)
         items = [
             ScoredItem(

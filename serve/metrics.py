@@ -11,9 +11,12 @@ metric ``NAME`` appears as ``ray_NAME`` (a gauge), ``ray_NAME_total`` (a counter
 :func:`exported_name` gives the series name the controller's sources read.
 
 Feedback counters are what the weight controller reads (:mod:`mtrec_serve.sources`): impressions per
-weight arm and events per task and arm. A binary event counts 1; a regression task adds its value
-(a dwell time, a rating), so the controller's "rate" of such a task is its mean value per
-impression. Counters only go up: a value that is not a positive finite number is not recorded.
+weight arm, events per task and arm, and predicted events per task and arm (the sum of the served
+model's predictions over the items shown, which the ``calibrated`` policy sets against the events to
+measure calibration: :class:`mtrec.fusion.ArmCounts`). A binary event counts 1; a regression task
+adds its value (a dwell time, a rating), so the controller's "rate" of such a task is its mean value
+per impression. Counters only go up: a value that is not a positive finite number is not recorded
+(a regression prediction below 0 adds nothing, as a feedback value below 0 does not).
 """
 
 from __future__ import annotations
@@ -66,6 +69,12 @@ METRICS: dict[str, MetricSpec] = {
             "mtrec_feedback_events",
             "counter",
             "Feedback events per task and weight arm (1 per binary event; the value for a regression task).",
+            ("task", "arm"),
+        ),
+        MetricSpec(
+            "mtrec_predicted_events",
+            "counter",
+            "Sum of the served model's predictions per task and weight arm over the items shown (impressions).",
             ("task", "arm"),
         ),
         MetricSpec("mtrec_requests", "counter", "HTTP requests per route and status code.", ("route", "status")),
@@ -185,6 +194,18 @@ def record_impressions(arm: str, n: int) -> None:
     """``n`` items shown by weight arm ``arm``."""
     if _positive(n):
         _metric("mtrec_impressions").inc(float(n), tags("mtrec_impressions", arm=arm))
+
+
+def record_predicted(arm: str, predictions: Mapping[str, np.ndarray]) -> None:
+    """The predictions ``{task: (N,)}`` of the ``N`` items ``arm`` showed (its impressions): each task's
+    sum of the finite predictions above 0 (a regression prediction below 0 adds nothing, as a feedback
+    value below 0 does not) is added to its predicted-events counter."""
+    metric = _metric("mtrec_predicted_events")
+    for task, values in predictions.items():
+        p = np.asarray(values, np.float64).ravel()
+        total = float(np.clip(p[np.isfinite(p)], 0.0, None).sum())
+        if _positive(total):
+            metric.inc(total, tags("mtrec_predicted_events", task=task, arm=arm))
 
 
 def record_feedback(task: str, arm: str, value: float) -> None:

@@ -1,4 +1,4 @@
-"""Where the weight controller reads its feedback: per-arm windows of impressions and events.
+"""Where the weight controller reads its feedback: per-arm windows of impressions, events and predicted events.
 
 A policy adds each :class:`~mtrec.fusion.Observation` to its tallies once, so successive windows must
 not overlap (see :mod:`mtrec.fusion.control`). A PromQL ``increase(x[W])`` evaluated every period
@@ -56,6 +56,8 @@ logger = logging.getLogger("mtrec_serve.sources")
 
 IMPRESSIONS = exported_name("mtrec_impressions")  # ray_mtrec_impressions_total
 EVENTS = exported_name("mtrec_feedback_events")  # ray_mtrec_feedback_events_total
+PREDICTED = exported_name("mtrec_predicted_events")  # ray_mtrec_predicted_events_total
+COUNTERS = (IMPRESSIONS, EVENTS, PREDICTED)  # what both sources read, in this order
 DEFAULT_SCRAPE_INTERVAL_S = 15.0  # the PodMonitors' interval (k8s/base/podmonitor.*.yaml)
 # Labels that identify one counter series of ours (Ray also adds SessionName, NodeAddress, Version, ...).
 Series = tuple[str, tuple[tuple[str, str], ...]]  # (metric name, sorted labels)
@@ -102,10 +104,11 @@ class CounterDeltas:
 
 
 def observation(deltas: dict[Series, float], timestamp: float) -> Observation:
-    """Per-arm counts from per-series deltas: impressions summed by ``arm``, events by ``(arm, task)``.
-    SourceError (non_finite) when a sum overflows: finite series can add up to infinity."""
+    """Per-arm counts from per-series deltas: impressions summed by ``arm``, events and predicted events
+    by ``(arm, task)``. SourceError (non_finite) when a sum overflows: finite series can add up to infinity."""
     impressions: dict[str, float] = {}
     events: dict[str, dict[str, float]] = {}
+    predicted: dict[str, dict[str, float]] = {}
     for (name, labels), delta in deltas.items():
         lab = dict(labels)
         arm = lab.get("arm")
@@ -113,29 +116,37 @@ def observation(deltas: dict[Series, float], timestamp: float) -> Observation:
             continue
         if name == IMPRESSIONS:
             impressions[arm] = impressions.get(arm, 0.0) + delta
-        elif name == EVENTS and "task" in lab:
-            per_task = events.setdefault(arm, {})
+        elif name in (EVENTS, PREDICTED) and "task" in lab:
+            per_task = (events if name == EVENTS else predicted).setdefault(arm, {})
             per_task[lab["task"]] = per_task.get(lab["task"], 0.0) + delta
     for arm, n in impressions.items():
         if not math.isfinite(n):
             raise SourceError(f"arm {arm!r}: impressions sum to {n} over its series", "non_finite")
-    for arm, per_task in events.items():
-        for task, n in per_task.items():
-            if not math.isfinite(n):
-                raise SourceError(f"arm {arm!r}: {task} events sum to {n} over its series", "non_finite")
-    arms = {a: ArmCounts(impressions.get(a, 0.0), events.get(a, {})) for a in set(impressions) | set(events)}
+    for what, sums in (("events", events), ("predicted events", predicted)):
+        for arm, per_task in sums.items():
+            for task, n in per_task.items():
+                if not math.isfinite(n):
+                    raise SourceError(f"arm {arm!r}: {task} {what} sum to {n} over its series", "non_finite")
+    arms = {
+        a: ArmCounts(impressions.get(a, 0.0), events.get(a, {}), predicted.get(a, {}))
+        for a in set(impressions) | set(events) | set(predicted)
+    }
     return Observation(timestamp, arms)
 
 
 def complete(obs: Observation, arms: Iterable[str], tasks: Iterable[str]) -> Observation:
     """``obs`` with zero counts for the arms and tasks that had no events in the window (a counter
-    Ray has not yet exported is a counter still at 0)."""
+    Ray has not yet exported is a counter still at 0). Predicted events likewise, once some arm of the
+    window reports any (the Ingress emits them); a window without a single predicted series keeps
+    ``predicted`` empty, so a policy that needs predictions waits instead of reading zeros."""
     tasks = list(tasks)
+    reported = any(c.predicted for c in obs.arms.values())
     full = {}
     for arm in set(obs.arms) | set(arms):
         counts = obs.arms.get(arm, ArmCounts(0.0, {}))
         events = {t: counts.events.get(t, 0.0) for t in tasks} | counts.events
-        full[arm] = ArmCounts(counts.impressions, events, counts.predicted)
+        predicted = ({t: counts.predicted.get(t, 0.0) for t in tasks} if reported else {}) | counts.predicted
+        full[arm] = ArmCounts(counts.impressions, events, predicted)
     return Observation(obs.timestamp, full, obs.stale)
 
 
@@ -260,13 +271,14 @@ class PrometheusSource(_CounterSource):
         self._timeout_s = timeout_s
 
     def queries(self) -> list[str]:
-        """The PromQL queries read each step (one per counter): its raw samples over the window."""
+        """The PromQL queries read each step (one per counter of :data:`COUNTERS`): its raw samples over
+        the window."""
         selector = f'{{{DEPLOYMENT_LABEL}="{self._deployment}"}}'
-        return [f"{name}{selector}[{self._window_s}s]" for name in (IMPRESSIONS, EVENTS)]
+        return [f"{name}{selector}[{self._window_s}s]" for name in COUNTERS]
 
     def _samples(self, now: float) -> list[Sample]:
         samples: list[Sample] = []
-        for query, name in zip(self.queries(), (IMPRESSIONS, EVENTS)):
+        for query, name in zip(self.queries(), COUNTERS):
             url = f"{self._url}/api/v1/query?" + urllib.parse.urlencode({"query": query})
             body = _get(url, self._timeout_s)
             try:
@@ -316,7 +328,7 @@ class ScrapeSource(_CounterSource):
         try:
             for family in text_string_to_metric_families(body.decode("utf-8")):
                 for s in family.samples:
-                    if s.name in (IMPRESSIONS, EVENTS) and s.labels.get(DEPLOYMENT_LABEL) == self._deployment:
+                    if s.name in COUNTERS and s.labels.get(DEPLOYMENT_LABEL) == self._deployment:
                         value = _count(s.value, f"{self._url}: {s.name}{s.labels}")
                         samples.append((_series(s.name, s.labels), value, now))
         except (ValueError, TypeError, IndexError, UnicodeDecodeError) as e:

@@ -31,7 +31,7 @@ from mtrec.fusion.score import (
     value_weights,
 )
 
-ADAPTIVE = "calibrated"  # the adaptive policy ``mtrec serve`` uses by default (bench/control_bench.py measures it)
+ADAPTIVE = "calibrated"  # the policy for adaptive control (its figures lead bench/control_bench.py)
 POLICIES: dict[str, type[Policy]] = {
     "static": StaticPolicy,
     "proportional": ProportionalPolicy,

@@ -384,7 +384,7 @@ class CalibratedPolicy(Policy):
         calib = np.array(self._events) / np.array(self._predicted)
         shadow = np.array([self._lambda.get(t, 0.0) for t in self.tasks])
         u = (self._v + shadow) * calib * self._s
-        if u.sum() <= 0:
+        if not np.isfinite(u).all() or u.sum() <= 0:
             return None
         main = np.array(self._main.weights)
         lo, hi = np.full(len(u), self.limits.min_weight), np.full(len(u), self.limits.max_weight)

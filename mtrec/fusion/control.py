@@ -12,9 +12,9 @@ resumes.
 Every policy obeys :class:`Limits`: each weight stays in ``[min_weight, max_weight]``, no weight moves
 more than ``max_step`` in one update, past counts are discounted by ``smoothing`` per update
 (an exponentially weighted window), nothing changes until ``min_events`` events are in hand, and a
-stale, missing or malformed observation (NaN, infinite or negative counts, an arm or task absent, a
-timestamp not after the last one) is answered with the last good decision. Windows must not overlap:
-each observation is added to the policy's tallies once.
+stale, missing or malformed observation (NaN, infinite or negative counts or predictions, an arm or
+task absent, a timestamp not after the last one) is answered with the last good decision. Windows
+must not overlap: each observation is added to the policy's tallies once.
 """
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ class Tally:
 
 def counts_problem(counts: ArmCounts, tasks: list[str]) -> str | None:
     """Why an arm's counts are malformed (None if they are fine). Predictions may be absent; any given
-    must be finite and >= 0 like the counts."""
+    must be a finite count >= 0 like the others."""
     values = {"impressions": counts.impressions} | {t: counts.events.get(t) for t in tasks}
     values |= {f"predicted {t}": v for t, v in counts.predicted.items() if t in tasks}
     for name, v in values.items():

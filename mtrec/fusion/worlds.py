@@ -33,8 +33,12 @@ never learnt), chained back to the full space as ESMM does. **Position bias**: a
 ``j`` (1-based) with probability ``1 / j`` (Joachims, Swaminathan & Schnabel 2017). **The static
 weights** rank by the model's own expected value: ``w_t`` proportional to ``values_t * scale_t``,
 which is the best ranking when the model is calibrated, so the gap to the oracle comes from the
-model's miscalibration, the guardrail and the shift. **Guardrail**: the click rate stays at least
-0.98 of the holdout's.
+model's errors, the guardrail and the shift. **The north star** values a click at 8 and a purchase
+at 30 (add-to-cart is predicted and valued by nobody), so clicks and purchases weigh about alike:
+where one task carries the whole value, any weight that favours it is near the best and no policy
+can be told apart from another. A miscalibration of up to ``exp(1.1)``, about 3x, is what negative
+sampling and delayed conversions leave in production models (He et al. 2014; Chapelle 2014).
+**Guardrail**: the click rate stays at least 0.98 of the holdout's.
 
 The worlds (:data:`WORLDS`):
 
@@ -48,12 +52,13 @@ The worlds (:data:`WORLDS`):
   one to below it.
 - ``conflict``: ads against purchases. Tasks ``click -> purchase`` and ``click -> ad`` (a click on a
   sponsored item, 30 % of the candidates, is paid); sponsored items attract less (``x - 0.5``) and
-  sell less (``y - 0.5``). The north star values an ad click at 2 and a purchase at 30; the static
-  weights were set when an ad click was worth 1. Pushing ads raises the value until the click
-  guardrail binds. Half way, users look past sponsored items (their attraction -0.4 more).
-- ``null``: every candidate of a request has the same truth (the user's), so no ranking, and no
-  weight, changes the value or the clicks; the model still errs. Half way, conversions rise as in
-  ``step``.
+  sell less (``y - 0.5``). The north star values an ad click at 6 and a purchase at 30; the static
+  weights were set when an ad click was worth 3, by a calibrated model. Pushing ads raises the value
+  until the click guardrail binds. Half way, advertisers target better: sponsored items attract
+  more (``x + 0.4``), and the best weights push ads further, to the guardrail again.
+- ``null``: every candidate of a request has the same truth (each task at the mean of the request's
+  ``SHOWN`` best, the rates a good ranking would serve), so no ranking, and no weight, changes the
+  value or the clicks; the model still errs. Half way, conversions rise as in ``step``.
 """
 
 from __future__ import annotations
@@ -72,7 +77,7 @@ REQUESTS, CANDIDATES, SHOWN = 2000, 50, 5
 Y_CORR = 0.5
 BASE_CLICK, BASE_CART, BASE_PURCHASE = -4.6, -2.2, -1.0  # logits; served rates in the ranges above
 MISCALIBRATION, SLOPE, MODEL_NOISE = 1.1, (0.8, 1.2), 0.5
-VALUES = {"click": 8.0, "purchase": 30.0}  # add_to_cart is predicted, and valued by nobody
+VALUES = {"click": 8.0, "purchase": 30.0}
 GUARDRAILS = {"click": 0.98}
 FUNNEL, FUNNEL_PARENTS = ["click", "add_to_cart", "purchase"], [-1, 0, 1]
 SALE = np.array([-0.2, 0.6, 0.6])  # the step's change of each funnel logit

@@ -56,6 +56,7 @@ class Emitter:
         m.observe_fused([0.5, 1.2])
         m.set_weights({"main": {"click": 1.0, "purchase": 2.0}}, {"main": 0.9, "explore": 0.1}, [])
         m.set_staleness(3.0)
+        m.record_rejected_read("stale")
         m.record_update("hold")
         return True
 

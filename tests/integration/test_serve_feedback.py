@@ -180,3 +180,105 @@ def test_regression_feedback_beyond_the_training_range_is_refused_and_the_weight
         assert status == 200 and all(
             isinstance(it["score"], float) and math.isfinite(it["score"]) for it in body["items"]
         )
+
+
+CALIBRATED_APP, CALIBRATED_DEPLOYMENT, CALIBRATED_PREFIX = (
+    "mtrec-calibrated-test",
+    "calibrated-test",
+    "/calibrated-test",
+)
+
+
+@pytest.fixture(scope="module")
+def calibrated_app(ray_cluster, serve_http, search_bundle, prometheus_server, tmp_path_factory):
+    """The app under the calibrated policy (holdout 20 %, so a few users land there), heads in the
+    Ingress (one deployment fewer), ``min_events`` out of reach so the arms stay holdout and a0."""
+    import ray.serve
+
+    from mtrec_serve.app import AppArgs, graph
+
+    bundle, data = search_bundle
+    args = AppArgs(
+        bundle=str(bundle),
+        prometheus_url=prometheus_server.url,
+        scrape_interval_s=SCRAPE_S,
+        deployment_id=CALIBRATED_DEPLOYMENT,
+        policy="calibrated",
+        policy_params={"holdout": 0.2},
+        limits={"min_events": 1e6},
+        period_s=PERIOD_S,
+        window_s=30.0,
+        heads_in_ingress=True,
+    )
+    options = {"Embedder": {**QUARTER, "autoscaling_config": PINNED}, "Ingress": QUARTER, "WeightController": QUARTER}
+    ray.serve.run(graph(args, options), name=CALIBRATED_APP, route_prefix=CALIBRATED_PREFIX)
+    items = [r["item_id"] for r in pq.read_table(data / "items.parquet", columns=["item_id"]).to_pylist()]
+    yield serve_http + CALIBRATED_PREFIX, items
+    ray.serve.delete(CALIBRATED_APP)
+
+
+def test_calibrated_arms_are_sticky_per_user_and_get_predicted_counts(calibrated_app, prometheus_server):
+    """Each user's impressions land on the arm the sticky hash of its id picks (holdout first in the
+    layout); the Ingress's predicted-events counters reach the controller's source for every arm, and
+    the calibrated policy, given them, calibrates (instead of waiting for predictions)."""
+    from mtrec.arms import choose_arm
+    from mtrec_serve.ingress import DECISION_REFRESH_S
+    from mtrec_serve.sources import PrometheusSource
+
+    url, items = calibrated_app
+    start = weights(url)
+    assert start["policy"] == "calibrated" and list(start["traffic"]) == ["holdout", "a0"], start
+    time.sleep(2 * DECISION_REFRESH_S)  # the Ingress has the controller's arms
+    users = range(1, 41)
+    expected = {arm: 0.0 for arm in start["traffic"]}
+    for user in users:
+        expected[choose_arm(str(user), start["traffic"])] += 5.0
+    assert all(expected.values()), expected  # both arms have users
+
+    source = PrometheusSource(prometheus_server.url, CALIBRATED_DEPLOYMENT, window_s=30, scrape_interval_s=SCRAPE_S)
+    post(url + "/v1/recommend", {"user_id": 1, "candidates": items[:20], "k": 5})  # the series exist (baseline)
+    counted = {arm: {"impressions": 0.0, "click": 0.0, "dwell_time": 0.0} for arm in expected}
+
+    def read() -> bool:
+        obs = source.read()
+        if obs is not None and not obs.stale:
+            for arm, c in obs.arms.items():
+                counted[arm]["impressions"] += c.impressions
+                for task in ("click", "dwell_time"):
+                    counted[arm][task] += c.predicted.get(task, 0.0)
+        return source.problem is None and obs is None  # the baseline
+
+    _wait_for(read, 60, "the baseline of the calibrated app's series")
+    for user in users:
+        status, body = post(url + "/v1/recommend", {"user_id": user, "candidates": items[:20], "k": 5})
+        assert status == 200, body
+        if user % 4 == 0:
+            top = body["items"][0]["item_id"]
+            post(url + "/v1/feedback", {"request_id": body["request_id"], "item_id": top, "events": {"click": 1}})
+    _wait_for(
+        lambda: read() or all(counted[a]["impressions"] >= n for a, n in expected.items()),
+        60,
+        f"{expected} impressions per arm (counted {counted})",
+    )
+    assert {a: c["impressions"] for a, c in counted.items()} == expected, counted  # sticky per user
+    for arm, c in counted.items():
+        assert c["click"] > 0 and c["dwell_time"] >= 0, (arm, counted)  # predicted events, per arm
+
+    def calibrated() -> dict | None:
+        d = weights(url)
+        calibration = (d.get("report") or {}).get("calibration") or {}
+        return d if calibration.get("click") is not None else None
+
+    d = _wait_for(calibrated, 30, "the calibrated policy to calibrate on the predicted events")
+    assert "no predictions reported" not in d["reason"], d
+    assert d["report"]["calibration"]["click"] > 0, d["report"]
+
+
+def _wait_for(predicate, timeout_s: float, what: str, poll_s: float = 1.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")

@@ -36,8 +36,10 @@ class FakeSource:
         self.reason: str | None = None
         self.newest_sample_at: float | None = None
 
-    def window(self, impressions: float, events: dict[str, float], arms: list[str] | None = None) -> None:
-        counts = ArmCounts(impressions, events)
+    def window(
+        self, impressions: float, events: dict[str, float], arms: list[str] | None = None, predicted=None
+    ) -> None:
+        counts = ArmCounts(impressions, events, predicted or {})
         self.queue.append(Observation(0.0, {a: counts for a in arms or ["main"]}))
 
     def read(self) -> Observation | None:
@@ -123,18 +125,18 @@ def test_outage_holds_weights_and_staleness_rises(tmp_path):
 
 
 def test_restart_resumes_from_the_state_file(tmp_path):
-    params = {"values": {"buy": 1.0}, "arms": 2, "seed": 3}
+    params = {"values": {"buy": 1.0}, "seed": 3}
     limits = {"min_events": 5, "max_step": 0.1, "smoothing": 0.5}
-    a, src_a, clock = loop(tmp_path / "a", "bandit", params, limits=limits)
-    b, src_b, _ = loop(tmp_path / "b", "bandit", params, limits=limits)
+    a, src_a, clock = loop(tmp_path / "a", "calibrated", params, limits=limits)
+    b, src_b, _ = loop(tmp_path / "b", "calibrated", params, limits=limits)
     arms = list(a.decision()["traffic"])
     for control, src in ((a, src_a), (b, src_b)):
         src.queue.append(None)
         for _ in range(6):
-            src.window(1000, {"click": 200, "buy": 20}, arms)
+            src.window(1000, {"click": 200, "buy": 20}, arms, {"click": 400, "buy": 20})
         for _ in range(4):
             control.step()
-    resumed, src_r, _ = loop(tmp_path / "b", "bandit", params, clock=clock, limits=limits)
+    resumed, src_r, _ = loop(tmp_path / "b", "calibrated", params, clock=clock, limits=limits)
     assert resumed.decision() | {"staleness_s": 0} == b.decision() | {"staleness_s": 0}
     src_r.queue = src_b.queue
     for _ in range(2):  # the resumed controller continues exactly as the one that never stopped
@@ -171,13 +173,18 @@ def test_no_source_holds_and_bad_configuration_is_a_config_error(tmp_path):
         ControlLoop(TASKS, WEIGHTS, policy="greedy", publish=Recorder())
 
 
-def test_retired_bandit_arms_are_published_as_gone(tmp_path):
+def test_retired_arms_are_published_as_gone(tmp_path):
+    """The calibration turns round: the candidate it started is superseded, and its arm is gone."""
     publish = Recorder()
-    control, src, _ = loop(tmp_path, "bandit", {"values": {"buy": 1.0}, "arms": 2, "max_age": 1}, publish=publish)
-    first = set(control.decision()["traffic"])
+    control, src, _ = loop(tmp_path, "calibrated", {"values": {"click": 0.1, "buy": 1.0}}, publish=publish)
+    arms = list(control.decision()["traffic"])
     src.queue.append(None)
-    src.window(1000, {"click": 200, "buy": 20}, list(first))
+    src.window(1000, {"click": 200, "buy": 20}, arms, {"click": 400, "buy": 20})  # clicks over-predicted
     control.step(), control.step()
+    first = set(control.decision()["traffic"])
+    assert len(first) == 3  # holdout, main and a candidate
+    src.window(1000, {"click": 200, "buy": 20}, list(first), {"click": 100, "buy": 200})  # now the purchases
+    control.step()
     gone = publish.weights[-1][2]
     assert gone and gone <= first and not gone & set(control.decision()["weights"])
 
@@ -233,3 +240,47 @@ def test_each_deployment_has_its_own_state_file(tmp_path):
     )
     assert state_file(str(tmp_path / "state"), "dev") == tmp_path / "state.dev"
     assert state_file(None, "dev") is None
+
+
+def test_calibrated_gets_the_bundles_scales_and_waits_for_predictions(tmp_path):
+    """The bundle's fusion scales reach a policy that takes them (and belong to the configuration a state
+    file must match); calibrated waits, naming the tasks, until every arm reports predicted events."""
+    scales = {"click": 0.2, "buy": 0.02}
+    control = ControlLoop(
+        TASKS,
+        WEIGHTS,
+        "calibrated",
+        None,
+        LIMITS,
+        FakeSource(Clock()),
+        tmp_path / "s.json",
+        publish=Recorder(),
+        scales=scales,
+    )
+    assert control._policy.to_state()["params"]["scales"] == scales
+    src = control._source
+    arms = list(control.decision()["traffic"])
+    assert arms[0] == "holdout"  # laid out first, so its users stay put
+    src.queue.append(None)
+    src.window(1000, {"click": 200, "buy": 20}, arms)  # no predictions reported
+    control.step()
+    d = control.step()
+    assert d["action"] == "wait" and "no predictions reported for click, buy" in d["reason"]
+    src.window(1000, {"click": 200, "buy": 20}, arms, {"click": 400, "buy": 20})
+    assert control.step()["action"] != "wait"
+    # static takes no scales: nothing is added to its parameters
+    static = ControlLoop(TASKS, WEIGHTS, "static", publish=Recorder(), scales=scales)
+    assert static._config["policy_params"] == {}
+    # another bundle's scales: the state file is not resumed
+    other = ControlLoop(
+        TASKS,
+        WEIGHTS,
+        "calibrated",
+        None,
+        LIMITS,
+        FakeSource(Clock()),
+        tmp_path / "s.json",
+        publish=Recorder(),
+        scales={"click": 0.3, "buy": 0.02},
+    )
+    assert other.decision()["version"] == 0 and list(tmp_path.glob("s.json.rejected-*"))

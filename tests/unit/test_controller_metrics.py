@@ -105,6 +105,16 @@ def test_recording_goes_through_the_cache_with_labels(fake):
         metrics.observe_latency("gpu", 1.0)
 
 
+def test_predicted_events_sum_the_shown_items_predictions_per_task(fake):
+    metrics.record_predicted("a1", {"click": np.array([0.25, 0.5, np.nan]), "dwell": np.array([-2.0, 3.0])})
+    metrics.record_predicted("a1", {"click": np.zeros(3)})  # nothing to add: not counted
+    assert fake["mtrec_predicted_events"].calls == [
+        ("inc", 0.75, {"task": "click", "arm": "a1"} | DEP),
+        ("inc", 3.0, {"task": "dwell", "arm": "a1"} | DEP),
+    ]
+    assert metrics.exported_name("mtrec_predicted_events") == "ray_mtrec_predicted_events_total"
+
+
 def test_weights_of_retired_arms_are_zeroed(fake):
     metrics.set_weights({"a0": {"click": 0.6, "buy": 0.4}}, {"a0": 1.0}, gone=["a3"])
     sets = fake["mtrec_fusion_weight"].calls

@@ -59,7 +59,7 @@ TRAIN = ("train", "--data", "{w}/data", "--out", "{w}/run")
 SERVE = ("serve", "--bundle", "{w}/bundle")
 CONFIG = ("serve", "config", "--bundle", "{w}/bundle")
 WEIGHTINGS = "valid weightings: static, uncertainty, dwa, gradnorm, rlw, famo, pcgrad"
-POLICIES = "unknown policy 'banditt'; valid policies: static, proportional, target, bandit"
+POLICIES = "unknown policy 'banditt'; valid policies: static, proportional, target, calibrated"
 CASES = {
     "train, no data": (
         ("train", "--data", "{w}/missing", "--out", "{w}/run"),

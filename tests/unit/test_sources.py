@@ -21,7 +21,7 @@ from mtrec_serve.sources import (
     observation,
 )
 
-IMP, EV = "ray_mtrec_impressions_total", "ray_mtrec_feedback_events_total"
+IMP, EV, PRED = "ray_mtrec_impressions_total", "ray_mtrec_feedback_events_total", "ray_mtrec_predicted_events_total"
 
 
 class FakeEndpoint:
@@ -74,11 +74,23 @@ def prom(result: list[tuple], at: float = 1e12) -> str:
     return json.dumps({"status": "success", "data": {"resultType": "matrix", "result": items}})
 
 
-def exposition(imp: dict[str, float], ev: dict[tuple[str, str], float], replica: str = "r1", dep: str = "dep") -> str:
+def exposition(
+    imp: dict[str, float],
+    ev: dict[tuple[str, str], float],
+    replica: str = "r1",
+    dep: str = "dep",
+    pred: dict[tuple[str, str], float] | None = None,
+) -> str:
     lines = [f"# TYPE {IMP} counter"]
     lines += [f'{IMP}{{deployment_id="{dep}",arm="{a}",replica="{replica}"}} {n}' for a, n in imp.items()]
     lines += [f"# TYPE {EV} counter"]
     lines += [f'{EV}{{deployment_id="{dep}",arm="{a}",task="{t}",replica="{replica}"}} {n}' for (a, t), n in ev.items()]
+    if pred:
+        lines += [f"# TYPE {PRED} counter"]
+        lines += [
+            f'{PRED}{{deployment_id="{dep}",arm="{a}",task="{t}",replica="{replica}"}} {n}'
+            for (a, t), n in pred.items()
+        ]
     lines += ['ray_other_total{arm="main"} 99', ""]
     return "\n".join(lines)
 
@@ -114,6 +126,12 @@ def test_observation_sums_series_by_arm_and_task_and_complete_fills_zeros():
     obs = complete(observation(deltas, 5.0), ["a0", "a1"], ["click", "buy"])
     assert obs.arms["a0"].impressions == 15 and obs.arms["a0"].events == {"click": 4.0, "buy": 0.0}
     assert obs.arms["a1"].impressions == 0 and obs.arms["a1"].events == {"click": 0.0, "buy": 0.0}
+    assert obs.arms["a0"].predicted == {} and obs.arms["a1"].predicted == {}  # none reported: none made up
+    deltas[(PRED, (("arm", "a0"), ("replica", "1"), ("task", "click")))] = 2.5
+    deltas[(PRED, (("arm", "a0"), ("replica", "2"), ("task", "click")))] = 0.5
+    obs = complete(observation(deltas, 5.0), ["a0", "a1"], ["click", "buy"])
+    assert obs.arms["a0"].predicted == {"click": 3.0, "buy": 0.0}  # reported: a series not yet exported is 0
+    assert obs.arms["a1"].predicted == {"click": 0.0, "buy": 0.0}
 
 
 def test_series_that_sum_past_the_largest_float_are_refused():
@@ -129,16 +147,17 @@ def test_series_that_sum_past_the_largest_float_are_refused():
 def test_prometheus_source_differences_cumulative_counters_of_its_deployment(endpoint):
     first = [({"__name__": IMP, "arm": "main", "replica": "r1"}, "100")]
     first += [({"__name__": EV, "arm": "main", "task": "click", "replica": "r1"}, "10")]
+    first += [({"__name__": PRED, "arm": "main", "task": "click", "replica": "r1"}, "12.5")]
     second = [({"__name__": IMP, "arm": "main", "replica": "r1"}, "160")]
     second += [({"__name__": EV, "arm": "main", "task": "click", "replica": "r1"}, "16")]
-    endpoint.answer(
-        (200, prom(first[:1]), 0), (200, prom(first[1:]), 0), (200, prom(second[:1]), 0), (200, prom(second[1:]), 0)
-    )
+    second += [({"__name__": PRED, "arm": "main", "task": "click", "replica": "r1"}, "20")]
+    endpoint.answer(*[(200, prom([series]), 0) for series in first + second])
     src = PrometheusSource(endpoint.url, "dep-a", window_s=30, scrape_interval_s=5, clock=Clock())
     assert src.read() is None and src.problem is None  # baseline
     obs = src.read()
     assert not obs.stale and obs.arms["main"].impressions == 60 and obs.arms["main"].events == {"click": 6.0}
-    assert src.queries() == [f'{IMP}{{deployment_id="dep-a"}}[30s]', f'{EV}{{deployment_id="dep-a"}}[30s]']
+    assert obs.arms["main"].predicted == {"click": 7.5}
+    assert src.queries() == [f'{name}{{deployment_id="dep-a"}}[30s]' for name in (IMP, EV, PRED)]
     assert endpoint.paths[0].startswith(f"/api/v1/query?query={IMP}%7Bdeployment_id%3D%22dep-a%22%7D%5B30s%5D")
     assert src.newest_sample_at == 1e12
 
@@ -194,13 +213,14 @@ def test_old_samples_are_stale_and_their_series_held(endpoint):
     clock = Clock()  # reads at 1010, 1020, ...; scrape interval 5 s: samples older than 10 s are stale
     a = {"__name__": IMP, "arm": "main", "replica": "a"}
     b = {"__name__": IMP, "arm": "main", "replica": "b"}
+    none = (200, prom([]), 0)  # the events and predicted events queries
     endpoint.answer(
         (200, prom([(a, "100"), (b, "50")], at=1009), 0),
-        (200, prom([]), 0),  # read 1: baseline
+        *[none, none],  # read 1: baseline
         (200, prom([(a, "100"), (b, "50")], at=1005), 0),
-        (200, prom([]), 0),  # read 2 at 1020: both 15 s old
+        *[none, none],  # read 2 at 1020: both 15 s old
         (200, prom([(a, "130")], at=1029), 0),
-        (200, prom([]), 0),  # read 3 at 1030: a fresh
+        *[none, none],  # read 3 at 1030: a fresh
     )
     src = PrometheusSource(endpoint.url, "dep", window_s=60, scrape_interval_s=5, clock=clock)
     assert src.read() is None
@@ -219,7 +239,7 @@ def test_old_samples_are_stale_and_their_series_held(endpoint):
 def test_scrape_source_parses_exposition_text_and_handles_resets(endpoint):
     endpoint.answer(
         (200, exposition({"main": 100}, {("main", "click"): 10}), 0),
-        (200, exposition({"main": 150}, {("main", "click"): 14, ("main", "buy"): 2}), 0),
+        (200, exposition({"main": 150}, {("main", "click"): 14, ("main", "buy"): 2}, pred={("main", "buy"): 4}), 0),
         (200, exposition({"main": 20}, {("main", "click"): 3}, replica="r2"), 0),  # the replica restarted
     )
     clock = Clock()
@@ -227,6 +247,7 @@ def test_scrape_source_parses_exposition_text_and_handles_resets(endpoint):
     assert src.read() is None
     obs = src.read()
     assert obs.arms["main"].impressions == 50 and obs.arms["main"].events == {"click": 4.0, "buy": 2.0}
+    assert obs.arms["main"].predicted == {"buy": 4.0}  # new since the baseline: all of it counts
     assert src.newest_sample_at == clock.t  # a direct scrape is as fresh as the read
     obs = src.read()
     assert obs.arms["main"].impressions == 20 and obs.arms["main"].events == {"click": 3.0}

@@ -5,7 +5,9 @@ Ingress does per request), so it travels the real path: replica -> Ray's metrics
 Prometheus scrape -> PromQL -> controller -> policy. One test walks the whole story, because each
 phase needs the state the previous one left (a Serve deploy and Ray's metric export cost seconds):
 
-1. feedback says buy is under its target and click over it: the buy weight rises, click falls;
+1. feedback gives click a rate 15 times buy's: under the proportional policy (whose every window moves
+   the weights, where the target policy would soon call an unresponsive rate unreachable and hold) the
+   click weight rises, buy falls;
 2. Prometheus stopped: the controller holds the weights, its staleness (decision and gauge) rises,
    and the requests that read the weights keep succeeding;
 3. the controller replica killed (still without Prometheus): Serve restarts it, and it resumes with
@@ -31,7 +33,7 @@ DEP_A, DEP_B = "dep-a", "dep-b"
 TASKS = ["click", "buy"]
 PERIOD_S = 1.5
 SCRAPE_S = 2.5  # the controller's scrape interval: a margin over the fixture's 1 s scrapes on a loaded machine
-TARGETS = {"click": 0.1, "buy": 0.1}  # fed rates: click 0.3 (over: its weight falls), buy 0.02 (under: rises)
+# fed rates: click 0.3, buy 0.02: the proportional policy moves the click weight up by max_step a window
 
 
 def _wait(predicate, timeout_s: float, what: str, poll_s: float = 0.5):
@@ -83,14 +85,13 @@ def _emitter():
 
 
 def _controller(prometheus_url: str, state: str, deployment_id: str):
-    """The controller under test (target policy, 1.5 s period, Prometheus source) of ``deployment_id``."""
+    """The controller under test (proportional policy, 1.5 s period, Prometheus source) of ``deployment_id``."""
     from mtrec_serve.controller import WeightController
 
     return WeightController.bind(
         TASKS,
         {"click": 1.0, "buy": 1.0},
-        policy="target",
-        policy_params={"targets": TARGETS, "gain": 1.0},
+        policy="proportional",
         limits={"min_events": 20, "max_step": 0.05, "smoothing": 0.5},
         source={"kind": "prometheus", "url": prometheus_url, "timeout_s": 2.0, "scrape_interval_s": SCRAPE_S},
         state_path=state,
@@ -125,17 +126,17 @@ def test_weights_follow_feedback_hold_without_prometheus_and_survive_a_restart(
     emitter, controller, state = controller_app
     metrics_url = f"http://{ray_metrics_targets()[0]}/metrics"
     start = controller.decision.remote().result()
-    assert start["weights"]["main"] == {"click": 0.5, "buy": 0.5} and start["policy"] == "target"
+    assert start["weights"]["main"] == {"click": 0.5, "buy": 0.5} and start["policy"] == "proportional"
 
     # 1. feedback moves the weights in the direction it implies
     def moved():
         emitter.emit.remote(1000, {"click": 300, "buy": 20}).result()
         d = controller.decision.remote().result()
-        return d if d["weights"]["main"]["buy"] > 0.599 else None
+        return d if d["weights"]["main"]["click"] > 0.599 else None
 
-    moved_d = _wait(moved, 90, "the buy weight to rise from 0.5 to 0.6")
-    assert moved_d["weights"]["main"]["click"] < 0.401 and moved_d["version"] >= 2
-    assert "vs targets" in moved_d["reason"]
+    moved_d = _wait(moved, 90, "the click weight to rise from 0.5 to 0.6")
+    assert moved_d["weights"]["main"]["buy"] < 0.401 and moved_d["version"] >= 2
+    assert "proportional to live rates" in moved_d["reason"]
     history = controller.history.remote(100).result()
     assert any(h["action"] == "update" for h in history)
 
@@ -200,7 +201,7 @@ def test_weights_follow_feedback_hold_without_prometheus_and_survive_a_restart(
         return d if d["version"] > after["version"] else None
 
     again = _wait(resumed, 90, "the restarted controller to update from Prometheus again")
-    assert again["weights"]["main"]["buy"] > after["weights"]["main"]["buy"]
+    assert again["weights"]["main"]["click"] > after["weights"]["main"]["click"]
     assert again["staleness_s"] < later["staleness_s"]
 
 

@@ -25,6 +25,7 @@ import time
 import urllib.request
 
 import pytest
+from polling import wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -34,16 +35,6 @@ TASKS = ["click", "buy"]
 PERIOD_S = 1.5
 SCRAPE_S = 2.5  # the controller's scrape interval: a margin over the fixture's 1 s scrapes on a loaded machine
 # fed rates: click 0.3, buy 0.02: the proportional policy moves the click weight up by max_step a window
-
-
-def _wait(predicate, timeout_s: float, what: str, poll_s: float = 0.5):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
 def _sample(metrics_url: str, name: str, **labels: str) -> float | None:
@@ -134,7 +125,7 @@ def test_weights_follow_feedback_hold_without_prometheus_and_survive_a_restart(
         d = controller.decision.remote().result()
         return d if d["weights"]["main"]["click"] > 0.599 else None
 
-    moved_d = _wait(moved, 90, "the click weight to rise from 0.5 to 0.6")
+    moved_d = wait_until(moved, 90, "the click weight to rise from 0.5 to 0.6")
     assert moved_d["weights"]["main"]["buy"] < 0.401 and moved_d["version"] >= 2
     assert "proportional to live rates" in moved_d["reason"]
     history = controller.history.remote(100).result()
@@ -142,7 +133,7 @@ def test_weights_follow_feedback_hold_without_prometheus_and_survive_a_restart(
 
     # 2. Prometheus stopped: the weights hold, staleness rises, requests still succeed
     assert stop_prometheus(prometheus_server.data_dir)
-    held = _wait(
+    held = wait_until(
         lambda: (d := controller.decision.remote().result())["action"] == "hold" and d,
         20,
         "the controller to hold",
@@ -155,13 +146,13 @@ def test_weights_follow_feedback_hold_without_prometheus_and_survive_a_restart(
     assert later["action"] == "hold" and later["weights"] == held["weights"] and later["version"] == held["version"]
     assert "ConnectionRefusedError" in later["reason"]
     assert later["staleness_s"] > held["staleness_s"] + 2 * PERIOD_S
-    gauge = _wait(
+    gauge = wait_until(
         lambda: (g := _sample(metrics_url, "ray_mtrec_controller_staleness_s")) is not None and g > 3 * PERIOD_S and g,
         30,
         "the staleness gauge to rise on Ray's metrics endpoint",
     )
     assert gauge > 3 * PERIOD_S
-    rejected = _wait(
+    rejected = wait_until(
         lambda: _sample(metrics_url, "ray_mtrec_controller_rejected_reads_total", reason="unreachable"),
         30,
         "the rejected reads to be counted on Ray's metrics endpoint",
@@ -187,7 +178,7 @@ def test_weights_follow_feedback_hold_without_prometheus_and_survive_a_restart(
         except Exception:  # the new replica is still starting
             return None
 
-    after = _wait(restarted, 60, "a new WeightController replica", poll_s=1.0)
+    after = wait_until(restarted, 60, "a new WeightController replica", poll_s=1.0)
     assert json.loads(state_file(str(state), DEP_A).read_text())["version"] == before["version"]
     assert after["version"] == before["version"] and after["weights"] == before["weights"]
     assert after["staleness_s"] >= before["staleness_s"]  # the last good read is part of the state
@@ -200,7 +191,7 @@ def test_weights_follow_feedback_hold_without_prometheus_and_survive_a_restart(
         d = controller.decision.remote().result()
         return d if d["version"] > after["version"] else None
 
-    again = _wait(resumed, 90, "the restarted controller to update from Prometheus again")
+    again = wait_until(resumed, 90, "the restarted controller to update from Prometheus again")
     assert again["weights"]["main"]["click"] > after["weights"]["main"]["click"]
     assert again["staleness_s"] < later["staleness_s"]
 
@@ -228,7 +219,7 @@ def test_scrape_source_counts_exactly_what_replicas_recorded(ray_cluster, contro
                 totals[task] += obs.arms[arm].events.get(task, 0.0)
         return totals["impressions"] >= 2000 and totals["click"] >= 160 and totals["buy"] >= 12
 
-    _wait(counted, 60, "Ray to export the recorded counters", poll_s=2.0)
+    wait_until(counted, 60, "Ray to export the recorded counters", poll_s=2.0)
     assert totals == {"impressions": 2000.0, "click": 160.0, "buy": 12.0}
 
 
@@ -255,7 +246,7 @@ def test_two_deployments_sharing_prometheus_count_only_their_own_traffic(
             for d in (DEP_A, DEP_B)
         }
         for d, source in sources.items():
-            _wait(lambda s=source: s.read() is None and s.problem is None, 60, f"{d}'s baseline in Prometheus")
+            wait_until(lambda s=source: s.read() is None and s.problem is None, 60, f"{d}'s baseline in Prometheus")
         counted = {d: {"impressions": 0.0, "click": 0.0, "buy": 0.0} for d in sources}
 
         def count() -> None:
@@ -271,7 +262,7 @@ def test_two_deployments_sharing_prometheus_count_only_their_own_traffic(
 
         emitter_b.emit.remote(100, {"click": 7, "buy": 1}).result()
         try:
-            _wait(
+            wait_until(
                 lambda: count() or (counted[DEP_A]["impressions"] >= 3000 and counted[DEP_B]["impressions"] >= 100),
                 90,
                 "A's traffic and B's to reach Prometheus",

@@ -18,6 +18,7 @@ import urllib.request
 
 import pyarrow.parquet as pq
 import pytest
+from polling import wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -248,17 +249,18 @@ def test_calibrated_arms_are_sticky_per_user_and_get_predicted_counts(calibrated
                     counted[arm][task] += c.predicted.get(task, 0.0)
         return source.problem is None and obs is None  # the baseline
 
-    _wait_for(read, 60, "the baseline of the calibrated app's series")
+    wait_until(read, 60, "the baseline of the calibrated app's series", poll_s=1.0)
     for user in users:
         status, body = post(url + "/v1/recommend", {"user_id": user, "candidates": items[:20], "k": 5})
         assert status == 200, body
         if user % 4 == 0:
             top = body["items"][0]["item_id"]
             post(url + "/v1/feedback", {"request_id": body["request_id"], "item_id": top, "events": {"click": 1}})
-    _wait_for(
+    wait_until(
         lambda: read() or all(counted[a]["impressions"] >= n for a, n in expected.items()),
         60,
         f"{expected} impressions per arm (counted {counted})",
+        poll_s=1.0,
     )
     assert {a: c["impressions"] for a, c in counted.items()} == expected, counted  # sticky per user
     for arm, c in counted.items():
@@ -269,16 +271,6 @@ def test_calibrated_arms_are_sticky_per_user_and_get_predicted_counts(calibrated
         calibration = (d.get("report") or {}).get("calibration") or {}
         return d if calibration.get("click") is not None else None
 
-    d = _wait_for(calibrated, 30, "the calibrated policy to calibrate on the predicted events")
+    d = wait_until(calibrated, 30, "the calibrated policy to calibrate on the predicted events", poll_s=1.0)
     assert "no predictions reported" not in d["reason"], d
     assert d["report"]["calibration"]["click"] > 0, d["report"]
-
-
-def _wait_for(predicate, timeout_s: float, what: str, poll_s: float = 1.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")

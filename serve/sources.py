@@ -48,7 +48,7 @@ import urllib.request
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from mtrec.errors import ConfigError
+from mtrec.errors import ConfigError, check_names
 from mtrec.fusion import ArmCounts, Observation
 from mtrec_serve.metrics import DEPLOYMENT_ID, DEPLOYMENT_LABEL, exported_name
 
@@ -350,14 +350,9 @@ def build_source(spec: dict[str, Any] | None, deployment_id: str, window_s: floa
     timeout_s = float(spec.pop("timeout_s", 5.0))
     if kind == "prometheus":
         interval = float(spec.pop("scrape_interval_s", DEFAULT_SCRAPE_INTERVAL_S))
-        _no_more(kind, spec, "kind, url, timeout_s, scrape_interval_s")
+        check_names(f"metrics source {kind!r}", spec, ("kind", "url", "timeout_s", "scrape_interval_s"), "key")
         return PrometheusSource(url, deployment_id, window_s, interval, timeout_s)
     if kind == "scrape":
-        _no_more(kind, spec, "kind, url, timeout_s")
+        check_names(f"metrics source {kind!r}", spec, ("kind", "url", "timeout_s"), "key")
         return ScrapeSource(url, deployment_id, timeout_s)
     raise ConfigError(f"metrics source kind {kind!r} is not one of: prometheus, scrape")
-
-
-def _no_more(kind: str, spec: dict[str, Any], valid: str) -> None:
-    if spec:
-        raise ConfigError(f"metrics source {kind!r}: unknown key(s) {sorted(spec)}; valid: {valid}")

@@ -246,17 +246,14 @@ def test_calibrated_gets_the_bundles_scales_and_waits_for_predictions(tmp_path):
     """The bundle's fusion scales reach a policy that takes them (and belong to the configuration a state
     file must match); calibrated waits, naming the tasks, until every arm reports predicted events."""
     scales = {"click": 0.2, "buy": 0.02}
-    control = ControlLoop(
-        TASKS,
-        WEIGHTS,
-        "calibrated",
-        None,
-        LIMITS,
-        FakeSource(Clock()),
-        tmp_path / "s.json",
-        publish=Recorder(),
-        scales=scales,
-    )
+
+    def calibrated(scales: dict[str, float]) -> ControlLoop:
+        source = FakeSource(Clock())
+        return ControlLoop(
+            TASKS, WEIGHTS, "calibrated", None, LIMITS, source, tmp_path / "s.json", publish=Recorder(), scales=scales
+        )
+
+    control = calibrated(scales)
     assert control._policy.to_state()["params"]["scales"] == scales
     src = control._source
     arms = list(control.decision()["traffic"])
@@ -272,15 +269,5 @@ def test_calibrated_gets_the_bundles_scales_and_waits_for_predictions(tmp_path):
     static = ControlLoop(TASKS, WEIGHTS, "static", publish=Recorder(), scales=scales)
     assert static._config["policy_params"] == {}
     # another bundle's scales: the state file is not resumed
-    other = ControlLoop(
-        TASKS,
-        WEIGHTS,
-        "calibrated",
-        None,
-        LIMITS,
-        FakeSource(Clock()),
-        tmp_path / "s.json",
-        publish=Recorder(),
-        scales={"click": 0.3, "buy": 0.02},
-    )
+    other = calibrated({"click": 0.3, "buy": 0.02})
     assert other.decision()["version"] == 0 and list(tmp_path.glob("s.json.rejected-*"))

@@ -18,7 +18,7 @@ lint: setup
 	$(VENV) ruff check . && ruff format --check .
 
 test: setup system-deps lint
-	$(VENV) python -m pytest -q -ra tests
+	$(VENV) python -m pytest -q -ra tests/unit tests/integration  # unit first: no session Ray running beside them
 
 # the fast tier: unit tests without the slow ones (real language models, training for more than a few seconds)
 unit: setup

@@ -140,7 +140,7 @@ class TrainConfig:
     weighting: str = "static"
     weighting_params: dict[str, float] = field(default_factory=dict)
     seed: int = 0
-    num_workers: int = 1
+    num_workers: int = 1  # Ray Train workers; 0: the same loop in this process (small data, no Ray start)
     use_gpu: bool = False
     bf16: bool = True  # autocast on GPU only
     checkpoint_every_steps: int = 0  # 0: once per epoch
@@ -149,6 +149,12 @@ class TrainConfig:
     early_stop_patience: int = 2
     objective: str = "mean_auc"  # metric maximised for early stopping and checkpoint ranking
     log_every_steps: int = 50
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 0:
+            raise ConfigError(
+                f"train.num_workers={self.num_workers!r}: must be 0 (train in this process, no Ray Train) or more"
+            )
 
 
 @dataclass

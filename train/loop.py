@@ -1,8 +1,10 @@
-"""The per-worker training loop. Ray Train runs :func:`train_func` once on every worker.
+"""The per-worker training loop. Ray Train runs :func:`train_func` once on every worker; with
+``train.num_workers=0`` the same loop runs in the calling process (:mod:`mtrec_train.local`).
 
 Reads top to bottom: build the model and the weighting, restore the latest checkpoint if this is
 a restart, wrap the model for DDP, then for each epoch stream this worker's shard, step, validate
-and report. A short comment marks each place Ray is called.
+and report. Everything the loop asks of its surroundings (rank, device, checkpoint to resume, shards,
+report) goes through a :class:`WorkerSession`; :func:`ray_session` is Ray Train's.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import math
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +51,9 @@ def _gather(x: np.ndarray) -> np.ndarray:
 
 
 def _fetch_vectors(ref: Any) -> torch.Tensor | None:
-    """A vector table from the object store (a writable copy), or None when there is none."""
-    value = None if ref is None else ray.get(ref)
+    """A vector table from the object store or, in-process, the array itself (a writable copy), or None
+    when there is none."""
+    value = ref if ref is None or isinstance(ref, np.ndarray) else ray.get(ref)
     return None if value is None else torch.from_numpy(np.array(value, dtype=np.float32))
 
 
@@ -77,18 +82,59 @@ def _check_in_sync(model: torch.nn.Module, weighting: torch.nn.Module) -> None:
         raise RuntimeError(f"ranks diverged: parameter fingerprints {everyone}")
 
 
-def train_func(config: dict[str, Any]) -> dict[str, Any]:
-    cfg = Config.from_dict(config["cfg"])
-    tasks = cfg.tasks
+@dataclass
+class WorkerSession:
+    """What the loop needs from where it runs."""
+
+    rank: int
+    world: int
+    device: torch.device
+    checkpoint: Any  # a ``ray.train.Checkpoint`` to resume from (a restart), or None on a fresh run
+    shard: Callable[[str], Any]  # split -> this worker's part, with Ray Data's ``iter_batches``
+    prepare_model: Callable[[torch.nn.Module], torch.nn.Module]  # DDP wrapping, or nothing
+    report: Callable[[dict[str, Any], Path | None], None]  # metrics, a checkpoint folder (rank 0) or None
+
+
+def ray_session() -> WorkerSession:
+    """This Ray Train worker's session."""
     # Ray: who am I, and how many of us are there
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+
+    def report(metrics: dict[str, Any], checkpoint: Path | None) -> None:
+        # Ray: a barrier every rank calls; only rank 0 hands over the checkpoint
+        ray.train.report(
+            metrics, checkpoint=None if checkpoint is None else ray.train.Checkpoint.from_directory(checkpoint)
+        )
+
+    return WorkerSession(
+        rank=ctx.get_world_rank(),
+        world=ctx.get_world_size(),
+        device=ray.train.torch.get_device(),
+        # Ray: the latest checkpoint when this is a restart after a failure (None on a fresh run)
+        checkpoint=ray.train.get_checkpoint(),
+        # Ray: this worker's shard of each split (streamed from Parquet by Ray Data)
+        shard=ray.train.get_dataset_shard,
+        # Ray: move to this worker's device and wrap in DistributedDataParallel (gloo on CPU, NCCL on
+        # GPU); buffers (the item-vector and token tables) are identical on every rank: never re-broadcast
+        prepare_model=lambda m: ray.train.torch.prepare_model(m, parallel_strategy_kwargs={"broadcast_buffers": False}),
+        report=report,
+    )
+
+
+def train_func(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train's entry on every worker."""
+    return run_loop(config, ray_session())
+
+
+def run_loop(config: dict[str, Any], session: WorkerSession) -> dict[str, Any]:
+    cfg = Config.from_dict(config["cfg"])
+    tasks = cfg.tasks
+    rank, world, device = session.rank, session.world, session.device
     distributed = world > 1 and dist.is_initialized()
     torch.manual_seed(cfg.train.seed)  # identical initial parameters on every rank
 
     meta = ExampleSet.load(config["examples_dir"]).meta
-    # Ray: frozen mode's vectors, encoded once for the run, come from the object store
+    # frozen mode's vectors, encoded once for the run, come from the object store
     model, _, _ = build_run_model(cfg, meta, config["item_vectors"], config["context_vectors"])
     model.to(device)
     weighting = build_weighting(
@@ -98,8 +144,7 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
     optimizer = make_optimizer(model, weighting, cfg)
     state = TrainState()
 
-    # Ray: the latest checkpoint when this is a restart after a failure (None on a fresh run)
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = session.checkpoint
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = load_checkpoint(Path(d), cfg, model, weighting, optimizer)
@@ -107,15 +152,11 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
         if rank == 0:
             print(f"[train] resumed in epoch {state.epoch + 1} at step {state.step}", file=sys.stderr, flush=True)
 
-    # Ray: move to this worker's device and wrap in DistributedDataParallel (gloo on CPU, NCCL on GPU);
-    # buffers (the item-vector and token tables) are identical on every rank: never re-broadcast them
-    ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
+    ddp_model = session.prepare_model(model)
     shared = model.shared_parameters() if weighting.needs_shared_grads else []
     use_amp = cfg.train.use_gpu and cfg.train.bf16 and device.type == "cuda"
 
-    # Ray: this worker's shard of each split (streamed from Parquet by Ray Data)
-    train_shard = ray.train.get_dataset_shard("train")
-    valid_shard = ray.train.get_dataset_shard("valid")
+    train_shard, valid_shard = session.shard("train"), session.shard("valid")
 
     rows = meta.counts["train"]
     steps_per_epoch = max(1, rows // (cfg.train.batch_size * world))
@@ -130,9 +171,8 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
             ckpt = None
             if with_checkpoint and rank == 0:
                 save_checkpoint(Path(tmp), cfg, model, weighting, optimizer, state)
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            # Ray: a barrier every rank calls; only rank 0 hands over the checkpoint
-            ray.train.report(metrics, checkpoint=ckpt)
+                ckpt = Path(tmp)
+            session.report(metrics, ckpt)
 
     while state.epoch < cfg.train.epochs and not state.stopped:
         ddp_model.train()

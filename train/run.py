@@ -1,7 +1,9 @@
 """``mtrec train`` and ``python -m mtrec_train.run``: train a multi-task model on Ray Train.
 
 Without ``--address`` (and without ``RAY_ADDRESS``, which a Ray job sets) it starts an embedded
-local Ray on 127.0.0.1 and stops it at the end. As a Ray job:
+local Ray on 127.0.0.1 and stops it at the end; with ``train.num_workers=0`` it starts no Ray and
+trains in this process (the same loop, for data small enough that starting Ray Train is the larger
+cost). As a Ray job:
 
     ray job submit --working-dir . -- python -m mtrec_train.run --data DIR --out RUN [key=value ...]
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import nullcontext
 
 from mtrec.cli_help import HelpFormatter
 from mtrec.config import Config, load_preset, preset_names
@@ -45,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = build_config(args)
     check_training(cfg, args.data)  # a bad name or dataset fails here, before Ray starts
     claim_output(args.out, args.force)
-    with local_ray(args.address, num_cpus=args.num_cpus):
+    in_process = cfg.train.num_workers == 0 and not args.address
+    with nullcontext() if in_process else local_ray(args.address, num_cpus=args.num_cpus):
         from mtrec_train.trainer import run_training
 
         metrics = run_training(cfg, args.data, args.out)

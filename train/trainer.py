@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import ray
 import ray.data
 import ray.train
@@ -34,6 +35,7 @@ from mtrec.features import ExampleSet, collate, prepare_examples
 from mtrec.io import atomic_write_text
 from mtrec_train.checkpoint import STATE, load_model_weights
 from mtrec_train.curves import plot_run
+from mtrec_train.local import LocalShard, LocalTrainer
 from mtrec_train.loop import OBJECTIVE_KEY, build_run_model, train_func
 
 
@@ -43,8 +45,10 @@ class TrainingInputs:
 
     cfg: Config
     examples: ExampleSet
-    item_vectors: Any = None  # ObjectRef of a (num_items + 1, D) float32 array, frozen mode
-    context_vectors: Any = None  # ObjectRef of a (num_contexts + 1, D) array, or None
+    item_vectors: Any = (
+        None  # ObjectRef of a (num_items + 1, D) float32 array (the array itself without Ray), frozen mode
+    )
+    context_vectors: Any = None  # ObjectRef of a (num_contexts + 1, D) array (or the array), or None
 
 
 @ray.remote(num_cpus=1, num_returns=2)
@@ -68,8 +72,12 @@ def prepare(cfg: Config, data_dir: str | Path, work_dir: str | Path) -> Training
     cfg = resolve_config(cfg, data_dir)
     examples = prepare_examples(data_dir, cfg, Path(work_dir).resolve() / "examples")
     inputs = TrainingInputs(cfg, examples)
-    if cfg.encoder.mode == "frozen":
+    if cfg.encoder.mode == "frozen" and ray.is_initialized():
         inputs.item_vectors, inputs.context_vectors = _encode_once.remote(cfg.to_dict(), str(examples.root))
+    elif cfg.encoder.mode == "frozen":  # in-process training (train.num_workers=0) without a Ray
+        item_vectors, context_vectors, _ = text_inputs(cfg, examples.meta)
+        inputs.item_vectors = item_vectors.numpy()
+        inputs.context_vectors = None if context_vectors is None else context_vectors.numpy()
     # fail here, once, not in every worker on every retry; a finetune model would load the language model
     if cfg.encoder.mode != "finetune":
         build_run_model(cfg, examples.meta, inputs.item_vectors, inputs.context_vectors)
@@ -82,14 +90,16 @@ def run_name(cfg: Config) -> str:
     return f"train-{digest}"
 
 
-MATERIALIZE_BELOW_BYTES = 64 * 1024**2  # small splits are read once into the object store
+MATERIALIZE_BELOW_BYTES = 64 * 1024**2  # small splits are read once, by the driver, into the object store
 
 
 def _dataset(path: Path) -> ray.data.Dataset:
-    """A split as a Ray Dataset, streamed from Parquet; a small one is materialised once, since
-    re-reading and re-planning tiny files every epoch costs more than the epoch's training."""
-    ds = ray.data.read_parquet(str(path))
-    return ds.materialize() if path.stat().st_size < MATERIALIZE_BELOW_BYTES else ds
+    """A split as a Ray Dataset, streamed from Parquet; a small one is read once by the driver and put in
+    the object store, since re-reading and re-planning tiny files every epoch (or starting read tasks
+    to materialise them, ~5 s here) costs more than the epoch's training."""
+    if path.stat().st_size < MATERIALIZE_BELOW_BYTES:
+        return ray.data.from_arrow(pq.read_table(path))
+    return ray.data.read_parquet(str(path))
 
 
 def build_trainer(
@@ -97,23 +107,30 @@ def build_trainer(
     storage_path: str | Path,
     name: str | None = None,
     callbacks: list | None = None,
-) -> TorchTrainer:
+) -> TorchTrainer | LocalTrainer:
+    """A ``TorchTrainer``, or with ``train.num_workers=0`` a :class:`~mtrec_train.local.LocalTrainer`
+    running the same loop in this process; both store their checkpoints under ``STORAGE/NAME``."""
     cfg = inputs.cfg
+    loop_config = {
+        "cfg": cfg.to_dict(),
+        "examples_dir": str(inputs.examples.root),
+        "item_vectors": inputs.item_vectors,
+        "context_vectors": inputs.context_vectors,
+    }
+    name = name or run_name(cfg)
+    if cfg.train.num_workers == 0:
+        shards = {s: LocalShard(inputs.examples.arrays(s)) for s in ("train", "valid")}
+        return LocalTrainer(loop_config, shards, cfg.train.num_to_keep, Path(storage_path).resolve() / name, callbacks)
     resources = {"CPU": 1, **({"GPU": 1} if cfg.train.use_gpu else {})}
     datasets = {s: _dataset(inputs.examples.path(s)) for s in ("train", "valid")}
     return TorchTrainer(
         train_func,
-        train_loop_config={
-            "cfg": cfg.to_dict(),
-            "examples_dir": str(inputs.examples.root),
-            "item_vectors": inputs.item_vectors,
-            "context_vectors": inputs.context_vectors,
-        },
+        train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
         ),
         run_config=ray.train.RunConfig(
-            name=name or run_name(cfg),
+            name=name,
             storage_path=str(Path(storage_path).resolve()),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.train.num_to_keep,
@@ -181,7 +198,8 @@ def finalize(inputs: TrainingInputs, checkpoint: Any, out: str | Path, wall_s: f
 def run_training(
     cfg: Config, data_dir: str | Path, out: str | Path, callbacks: list[ray.train.UserCallback] | None = None
 ) -> dict[str, Any]:
-    """prepare → fit → finalize, on the Ray this process is connected to (``callbacks``: Ray Train's)."""
+    """prepare → fit → finalize, on the Ray this process is connected to (``callbacks``: Ray Train's);
+    with ``train.num_workers=0``, in this process (no Ray needed)."""
     out = Path(out).resolve()  # workers run in other directories (and on other nodes)
     (out / "metrics.json").unlink(missing_ok=True)
     start = time.perf_counter()

@@ -68,23 +68,43 @@ class ObjectiveReport(TuneReportCallback):
         self._objective: Objective = objective
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        first = dict(metrics[0])
-        if "valid" in first:
-            first.update(self._objective.score(first["valid"]))
-        else:
-            first.update(score=math.nan, feasible=False, violation=math.nan, value=math.nan)
-        super().after_report(run_context, [first, *metrics[1:]], checkpoint)
+        super().after_report(run_context, [scored(self._objective, metrics[0]), *metrics[1:]], checkpoint)
+
+
+def scored(objective: Objective, row: dict[str, Any]) -> dict[str, Any]:
+    """A report with the search objective added (NaN score for a report without validation metrics)."""
+    row = dict(row)
+    if "valid" in row:
+        row.update(objective.score(row["valid"]))
+    else:
+        row.update(score=math.nan, feasible=False, violation=math.nan, value=math.nan)
+    return row
+
+
+class InProcessReport:
+    """What :class:`ObjectiveReport` does for a trial that trains in its own process
+    (``train.num_workers=0``): each report, scored, with its checkpoint's path, to this trial."""
+
+    def __init__(self, objective: Objective) -> None:
+        self._objective = objective
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        row = scored(self._objective, metrics[0])
+        if checkpoint is not None:
+            row["checkpoint_path"] = checkpoint.path
+        ray.tune.report(row)
 
 
 def trial_slots(cluster: dict[str, float], num_workers: int, use_gpu: bool) -> int:
-    """How many trials fit at once: each takes a driver CPU plus one CPU (and GPU) per worker."""
-    per_trial = DRIVER_CPUS + num_workers
+    """How many trials fit at once: each takes a driver CPU plus one CPU (and GPU) per worker; a trial
+    that trains in its driver (``num_workers=0``) takes the driver's CPU (and one GPU) only."""
+    per_trial, gpus = DRIVER_CPUS + num_workers, max(num_workers, 1)
     slots = int(cluster.get("CPU", 0) // per_trial)
     if use_gpu:
-        slots = min(slots, int(cluster.get("GPU", 0) // num_workers))
+        slots = min(slots, int(cluster.get("GPU", 0) // gpus))
     if slots < 1:
         raise ConfigError(
-            f"one trial needs {per_trial} CPUs{f' and {num_workers} GPUs' if use_gpu else ''} "
+            f"one trial needs {per_trial} CPUs{f' and {gpus} GPUs' if use_gpu else ''} "
             f"(train.num_workers={num_workers}); the cluster has {cluster}"
         )
     return slots
@@ -96,7 +116,8 @@ def search_trial(config: dict[str, Any], prepared: TrainingInputs, objective: Ob
     cfg = trial_config(prepared.cfg, config)
     # Ray: the trial id names the Train run; the callback forwards the workers' reports to this trial
     name = f"train-{ray.tune.get_context().get_trial_id()}"
-    trainer = build_trainer(dataclasses.replace(prepared, cfg=cfg), storage, name, [ObjectiveReport(objective)])
+    report = InProcessReport(objective) if cfg.train.num_workers == 0 else ObjectiveReport(objective)
+    trainer = build_trainer(dataclasses.replace(prepared, cfg=cfg), storage, name, [report])
     result = trainer.fit()
     if result.error is not None:
         raise RuntimeError(f"trial {name} failed: {result.error}") from result.error
@@ -163,7 +184,7 @@ def run_search(
     prepared = prepare(cfg, data_dir, out)  # examples and item vectors, once for every trial
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(search_trial, prepared=prepared, objective=objective, storage=str(out / "train")),
-        {"CPU": DRIVER_CPUS},
+        {"CPU": DRIVER_CPUS, **({"GPU": 1} if cfg.train.use_gpu and cfg.train.num_workers == 0 else {})},
     )
     if restoring:
         tuner = ray.tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,11 +19,53 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 HERE = Path(__file__).parent
 
 
+DEMO_TESTS = HERE / "test_demo.py"
+
+
 def pytest_collection_modifyitems(items):
-    """Every test in this folder is marked ``integration`` (``-m "not integration"`` leaves them out)."""
+    """Every test in this folder is marked ``integration`` (``-m "not integration"`` leaves them out).
+    The demo's tests go last: the demo runs in the background meanwhile (:func:`demo_process`)."""
     for item in items:
         if HERE in item.path.parents:
             item.add_marker(pytest.mark.integration)
+    items.sort(key=lambda item: item.path == DEMO_TESTS)  # stable: every other test keeps its place
+
+
+@pytest.fixture(scope="session")
+def demo_process(tmp_path_factory):
+    """The quick demo (``mtrec demo --quick --keep-serving``) in its own process with its own embedded
+    Ray, started once per session; its terminal output (stdout and stderr together, as a terminal shows
+    them) goes to a file, which is not a terminal either, so the demo draws no bars. Returns
+    ``(process, output file, --out folder)``; the demo's tests wait for it and end it."""
+    from mtrec_cluster.ray_env import free_port
+
+    root = tmp_path_factory.mktemp("demo")
+    out, terminal = root / "out", root / "terminal.txt"
+    cmd = [sys.executable, "-m", "mtrec_app.cli", "demo", "--quick", "--keep-serving", "--out", str(out)]
+    cmd += ["--port", str(free_port())]
+    with terminal.open("w") as sink:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=os.environ.copy(),
+            # Ctrl-C as in a terminal: a test run started in the background (`make test &`, some CI
+            # runners) ignores SIGINT, and the demo would inherit that
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+    yield proc, terminal, out
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _demo_in_the_background(request):
+    """When the demo's tests are selected, the demo starts with the first integration test and runs
+    beside the others (most of them wait on HTTP, Prometheus and controllers) instead of after them."""
+    if any(item.path == DEMO_TESTS for item in request.session.items):
+        request.getfixturevalue("demo_process")
 
 
 @pytest.fixture(scope="session")

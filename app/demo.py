@@ -7,11 +7,15 @@
 4. serve    the better of the two bundles on Ray Serve at http://127.0.0.1:PORT, the controller reading
             a real Prometheus when the binary is installed (else Ray's metrics endpoint directly);
 5. traffic  simulated users send requests and feedback drawn from the true probabilities; the
-            controller (``target`` policy: holds the purchase rate per impression near a target) moves
-            the fusion weights;
+            controller runs the adaptive policy ``mtrec serve`` runs (``calibrated``, with the RayService's
+            5 % holdout and click guardrail): it may try candidate weights on a ramp of the traffic and
+            promotes one only on always-valid evidence against the holdout;
 6. summary  the served model's test AUC per task beside the oracle's (the true probabilities), every
-            setting the best trial changed, serving latency, the fusion weights before and after, and
-            the plots (training curves, AUC against the oracle, Pareto front, weight trajectory).
+            setting the best trial changed, serving latency, the fusion weights before and after, the
+            adaptive traffic against the holdout (north star and guardrail rates with 95 % intervals,
+            the controller's lift and verdict, the impressions a 1 % lift takes to show), the exact
+            expected north star of the weights before and after on the same requests, and the plots
+            (training curves, AUC against the oracle, Pareto front, weights and outcome per round).
 
 The terminal shows stage lines, a progress bar per long stage, a line per epoch, trial and round, and
 the summary last, once everything has stopped; Ray's, Tune's and Serve's own output goes to
@@ -35,11 +39,15 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from mtrec.cli_help import HelpFormatter
 from mtrec.config import Config
+from mtrec.fusion import ADAPTIVE, HOLDOUT
 from mtrec.io import atomic_write_text, claim_output
+from mtrec.weighted import weighted_sum
 from mtrec_app.console import Console, quiet_terminal
-from mtrec_app.summary import summarize, summary_lines
+from mtrec_app.summary import ADAPTIVE_TRAFFIC, against_holdout, group_outcome, summarize, summary_lines
 
 FULL = {"users": 2000, "items": 1000, "interactions": 100_000, "epochs": 4, "trials": 4, "requests": 1500}
 MAX_TRIALS = 4  # the demo's search stays short; `mtrec tune` runs longer ones
@@ -50,6 +58,10 @@ OUTPUTS = ("data", "train", "tune", "controller", "prometheus", "logs", "weights
 LOG = Path("logs") / "demo.log"  # under OUT: everything Ray, Tune, Serve and the libraries print
 QUIET_ENV = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}  # read by every Ray process, Tune trials' included
 SERVE_LOGGING = {"enable_access_log": False, "log_level": "WARNING"}  # no line per request or handle call
+# the adaptive policy's parameters: the RayService's (k8s/base/rayservice.serve.yaml); its values of an
+# event are the default (the initial weights rank by value)
+POLICY_PARAMS = {"holdout": 0.05, "guardrails": {"click": 0.98}}
+LIMITS = {"min_events": 10, "max_step": 0.1, "smoothing": 0.9}  # the demo's traffic is small: act on fewer events
 
 
 @contextmanager
@@ -87,21 +99,40 @@ def main_weights(decision: dict[str, Any]) -> dict[str, float]:
     return decision["weights"][decision.get("main", "main")]
 
 
-def plot_weights(trajectory: list[dict[str, Any]], path: Path) -> None:
+def plot_weights(trajectory: list[dict[str, Any]], values: dict[str, float], guarded: list[str], path: Path) -> None:
+    """The main arm's weights after each round (0: before traffic), and each round's north star per
+    impression and guarded rates of the adaptive traffic and of the holdout, with 95 % intervals."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    t0 = trajectory[0]["t"]
+    fig, axes = plt.subplots(1 + 1 + len(guarded), 1, figsize=(6, 2.4 * (2 + len(guarded))), sharex=True)
+    rounds = range(len(trajectory))
     for task in trajectory[0]["weights"]:
-        ax.plot([p["t"] - t0 for p in trajectory], [p["weights"][task] for p in trajectory], marker=".", label=task)
-    ax.set(xlabel="seconds of traffic", ylabel="fusion weight (main arm)", title="controller weights", ylim=(0, 1))
-    ax.legend()
+        axes[0].plot(rounds, [p["weights"][task] for p in trajectory], marker=".", label=task)
+    axes[0].set(ylabel="fusion weight\n(main arm)", title="controller weights and outcome per round", ylim=(0, 1))
+    axes[0].legend(fontsize="small", ncol=2)
+    for ax, what in zip(axes[1:], ["value", *guarded]):
+        for offset, group in ((-0.08, ADAPTIVE_TRAFFIC), (0.08, HOLDOUT)):
+            points = [(r, _outcome(p["groups"].get(group), values, guarded, what)) for r, p in enumerate(trajectory)]
+            points = [(r + offset, x) for r, x in points if x is not None]
+            if points:
+                xs, ys = [r for r, _ in points], [x for _, x in points]
+                err = [[y[0] - y[1] for y in ys], [y[2] - y[0] for y in ys]]
+                ax.errorbar(xs, [y[0] for y in ys], yerr=err, fmt="o", capsize=3, label=group)
+        ax.set(ylabel="north star per\nimpression" if what == "value" else f"{what} rate")
+        ax.legend(fontsize="small")
+    axes[-1].set(xlabel="round of traffic (0: before)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _outcome(counts: dict[str, Any] | None, values: dict[str, float], guarded: list[str], what: str) -> Any:
+    """``[estimate, low, high]`` of the north star (``what`` "value") or a guarded rate of one round's group."""
+    outcome = group_outcome(counts, values, guarded)
+    return outcome["value"] if what == "value" else outcome["rates"][what]
 
 
 def claim(out: str | Path, force: bool) -> Path:
@@ -188,9 +219,20 @@ def stage_tune(data: Path, out: Path, size: dict[str, int], console: Console) ->
     return summary, cfg
 
 
-def stage_serve(
-    bundle: Path, out: Path, port: int, prometheus_url: str | None, targets: dict[str, float], console: Console
-) -> str:
+def controller_params(bundle: Path) -> tuple[dict[str, Any], dict[str, float]]:
+    """The adaptive policy's parameters as the weight controller resolves them for ``bundle`` (its value
+    of an event of each task, holdout share, guardrails, ...: the policy built here as the controller
+    builds it, from the bundle's fusion weights and scales), and those fusion scales."""
+    from mtrec.bundle import read_description
+    from mtrec.fusion import Limits, build_policy
+
+    _, meta, scales = read_description(bundle)
+    weights = {t.name: t.fusion_weight for t in meta.tasks}
+    policy = build_policy(ADAPTIVE, weights, Limits(**LIMITS), 0, scales=scales, **POLICY_PARAMS)
+    return policy.to_state()["params"], scales
+
+
+def stage_serve(bundle: Path, out: Path, port: int, prometheus_url: str | None, console: Console) -> str:
     import ray
     import ray.serve
 
@@ -202,9 +244,9 @@ def stage_serve(
     args = {
         "bundle": str(bundle),
         "prometheus_url": prometheus_url,
-        "policy": "target",
-        "policy_params": {"targets": targets, "gain": 2.0},
-        "limits": {"min_events": 10, "max_step": 0.1, "smoothing": 0.5},
+        "policy": ADAPTIVE,
+        "policy_params": POLICY_PARAMS,
+        "limits": LIMITS,
         "state_path": str(out / "controller" / "state.json"),
         "period_s": 4.0,
         "window_s": 30.0,
@@ -215,42 +257,64 @@ def stage_serve(
     return url
 
 
-def stage_traffic(data: Path, url: str, requests: int, console: Console) -> tuple[dict[str, Any], list[dict]]:
+def stage_traffic(
+    data: Path, url: str, requests: int, values: dict[str, float], scales: dict[str, float], console: Console
+) -> tuple[dict[str, Any], list[dict], dict[str, Any]]:
+    """Rounds of simulated traffic; returns the traffic's totals (with each group's counts: the holdout's
+    users and the adaptive traffic's), the controller's decision after each round (the first: before
+    traffic) with the round's group counts, and the exact expected north star of the main arm's weights
+    before and after traffic on the requests sent (:meth:`~mtrec_app.traffic.SimulatedUsers.expected_rates`)."""
+    from mtrec.arms import choose_arm
     from mtrec_app.traffic import SimulatedUsers, TrafficReport
 
-    users = SimulatedUsers(data, url, tasks=["click", "add_to_cart", "purchase"], candidates=20, k=5)
+    trajectory = [{"t": time.time(), **_weights(url), "groups": {}}]
+    # the holdout's users: a sticky hash into the traffic shares, the holdout first and its share fixed,
+    # so whatever the other arms do (the simulated users can tell; real clients never learn their arm)
+    shares = trajectory[0]["traffic"]
+    users = SimulatedUsers(
+        data,
+        url,
+        candidates=20,
+        k=5,
+        group=lambda user: HOLDOUT if choose_arm(str(user), shares) == HOLDOUT else ADAPTIVE_TRAFFIC,
+    )
     console.say(f"5/6 traffic: {requests} requests from simulated users ({', '.join(users.tasks)} feedback)")
-    trajectory = [{"t": time.time(), **_weights(url)}]
     per_round = max(1, requests // ROUNDS)
     reports = []
     with console.bar("traffic", ROUNDS, "rounds") as bar:
         for r in range(ROUNDS):
             reports.append(users.run(per_round, concurrency=4, start=r * per_round))
             time.sleep(5)  # a controller period or so: metrics reach it
-            trajectory.append({"t": time.time(), **_weights(url)})
+            trajectory.append({"t": time.time(), **_weights(url), "groups": reports[-1].groups})
             bar.advance()
-            s = reports[-1].summary()
-            w = ", ".join(f"{k} {v:.2f}" for k, v in trajectory[-1]["weights"].items())
-            console.line(f"   round {r + 1}/{ROUNDS}: p50 {s['p50_ms']:.0f} ms, failed {s['failed']}; weights {w}")
+            console.line(f"   round {r + 1}/{ROUNDS}: {_round_text(reports[-1].summary(), trajectory[-1])}")
     s = TrafficReport.merge(reports).summary()
-    total = {k: s[k] for k in ("requests", "failed", "errors", "p50_ms", "p99_ms", "impressions")}
+    total = {k: s[k] for k in ("requests", "failed", "errors", "p50_ms", "p99_ms", "impressions", "groups")}
     total["events"] = {t: s["events"].get(t, 0) for t in users.tasks}
-    return total, trajectory
+    sent = range(per_round * ROUNDS)
+    scored = users.score(sent)
+    rates = {
+        when: users.expected_rates(scored, trajectory[i]["weights"], scales)
+        for when, i in (("before", 0), ("after", -1))
+    }
+    v = np.array(list(values.values()))
+    expected = {when: float(weighted_sum(np.array([r[t] for t in values]), v)) for when, r in rates.items()}
+    expected |= {"requests": len(scored), "rates": rates}
+    return total, trajectory, expected
+
+
+def _round_text(s: dict[str, Any], decision: dict[str, Any]) -> str:
+    """``p50 41 ms, failed 0; main a0 click 0.07, ...; candidate a1 at 1 %``"""
+    w = ", ".join(f"{k} {v:.2f}" for k, v in decision["weights"].items())
+    candidate = next((a for a in decision["traffic"] if a not in (HOLDOUT, decision["main"])), None)
+    share = f"; candidate {candidate} at {decision['traffic'][candidate]:.0%}" if candidate else ""
+    return f"p50 {s['p50_ms']:.0f} ms, failed {s['failed']}; main {decision['main']} {w}{share}"
 
 
 def _weights(url: str) -> dict[str, Any]:
     d = get(url + "/v1/weights")
-    return {"weights": main_weights(d), "version": d["version"], "action": d.get("action"), "reason": d.get("reason")}
-
-
-def purchase_targets(data: Path) -> dict[str, float]:
-    """The controller's target: 2.5x the purchase rate per impression of the logged data (the shop
-    wants more purchases than the logged traffic made; the priors' ranking reaches about 1.9x)."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    rate = pc.mean(pq.read_table(data / "interactions.parquet", columns=["purchase"]).column("purchase")).as_py()
-    return {"purchase": 2.5 * rate}
+    keys = ("main", "traffic", "version", "action", "reason", "report")
+    return {"weights": main_weights(d), **{k: d.get(k) for k in keys}}
 
 
 def run_demo(args: argparse.Namespace, out: Path, console: Console) -> dict[str, Any]:
@@ -281,18 +345,24 @@ def run_demo(args: argparse.Namespace, out: Path, console: Console) -> dict[str,
         tuned, tune_base = stage_tune(data, out, size, console)
         # the better of the two on validation (a search without a best trial raised)
         served_run = out / "tune" / "result" / "best" if tuned["best"]["score"] > _objective(trained) else out / "train"
-        url = stage_serve(served_run / "bundle", out, args.port, prom_url, purchase_targets(data), console)
-        traffic, trajectory = stage_traffic(data, url, size["requests"], console)
-        plot_weights(trajectory, out / "weights.png")
+        params, scales = controller_params(served_run / "bundle")
+        url = stage_serve(served_run / "bundle", out, args.port, prom_url, console)
+        traffic, trajectory, expected = stage_traffic(data, url, size["requests"], params["values"], scales, console)
+        plot_weights(trajectory, params["values"], list(params["guardrails"]), out / "weights.png")
         summary = {
             "seconds": time.perf_counter() - t0,
             **summarize(data, served_run, trained, tuned, tune_base, out),
             "url": url,
             "prometheus": prom_url,
             "serving": traffic,
+            "policy": {"name": ADAPTIVE, "params": params, "limits": LIMITS},
+            "main_arm": trajectory[-1]["main"],
             "weights_before": trajectory[0]["weights"],
             "weights_after": trajectory[-1]["weights"],
-            "controller_reason": trajectory[-1]["reason"],
+            "controller_reason": f"{trajectory[-1]['action']}: {trajectory[-1]['reason']}",
+            "controller_report": trajectory[-1]["report"],
+            "holdout": against_holdout(traffic["groups"], params["values"], trajectory[-1]["report"] or {}, params),
+            "expected": expected,
             "plots": [
                 str(p)
                 for p in (

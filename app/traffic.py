@@ -7,6 +7,11 @@ events drawn along the task funnel from the TRUE probabilities (a click with p(c
 click with p(cart | click), ...), sent to ``POST /v1/feedback``. The service's controller sees that
 feedback through its metrics, as it would from real users. Used by the demo, the serving benchmark
 and the soak test; traffic goes only to the URL given (127.0.0.1 in every test).
+
+Since the users know the true probabilities, they can also tell what a weight vector is worth
+exactly: :meth:`SimulatedUsers.score` asks the service for its predictions of every candidate of
+the requests sent, and :meth:`SimulatedUsers.expected_rates` ranks them as serving does
+(:func:`mtrec.fusion.rank`) under any weights and averages the true probabilities of what it would show.
 """
 
 from __future__ import annotations
@@ -27,12 +32,15 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from mtrec.data.contract import INTERACTIONS, read_tasks
+from mtrec.fusion import rank
 from mtrec.fusion.simulator import conditional, load_pool
 
 
 @dataclass
 class TrafficReport:
-    """What a traffic run saw: requests sent and failed, latency, impressions and events per task."""
+    """What a traffic run saw: requests sent and failed, latency, impressions and events per task, and
+    the same per group of users (``groups``: group -> ``{"impressions": n, "events": {task: n}}``) when
+    the users were told how to group themselves (:class:`SimulatedUsers` ``group``)."""
 
     requests: int = 0
     failed: int = 0
@@ -42,27 +50,38 @@ class TrafficReport:
     events: dict[str, int] = field(default_factory=dict)
     feedback_failed: int = 0
     seconds: float = 0.0
+    groups: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def merge(cls, reports: list[TrafficReport]) -> TrafficReport:
         """One report for several runs (rounds of traffic): counts added, latencies pooled."""
 
-        def added(key: str) -> dict[str, int]:
+        def added(counts: list[dict[str, int]]) -> dict[str, int]:
             out: dict[str, int] = {}
-            for r in reports:
-                for k, n in getattr(r, key).items():
+            for c in counts:
+                for k, n in c.items():
                     out[k] = out.get(k, 0) + n
             return out
+
+        names = sorted({g for r in reports for g in r.groups})
+        groups = {
+            g: {
+                "impressions": sum(r.groups[g]["impressions"] for r in reports if g in r.groups),
+                "events": added([r.groups[g]["events"] for r in reports if g in r.groups]),
+            }
+            for g in names
+        }
 
         return cls(
             requests=sum(r.requests for r in reports),
             failed=sum(r.failed for r in reports),
-            errors=added("errors"),
+            errors=added([r.errors for r in reports]),
             latencies_ms=[v for r in reports for v in r.latencies_ms],
             impressions=sum(r.impressions for r in reports),
-            events=added("events"),
+            events=added([r.events for r in reports]),
             feedback_failed=sum(r.feedback_failed for r in reports),
             seconds=sum(r.seconds for r in reports),
+            groups=groups,
         )
 
     def summary(self) -> dict[str, Any]:
@@ -79,6 +98,9 @@ class TrafficReport:
             "impressions": self.impressions,
             "events": dict(self.events),
             "rates": {t: n / max(1, self.impressions) for t, n in self.events.items()},
+            "groups": {
+                g: {"impressions": c["impressions"], "events": dict(c["events"])} for g, c in self.groups.items()
+            },
         }
 
 
@@ -86,7 +108,9 @@ class SimulatedUsers:
     """Users of a synthetic dataset sending requests and feedback to a service at ``url``.
 
     ``tasks``: the binary funnel tasks whose events are drawn (default: every binary task whose parent
-    is among them). ``candidates`` items per request, ``k`` shown.
+    is among them). ``candidates`` items per request, ``k`` shown. ``group``: user id -> the name of
+    the user's group (the demo's: the holdout or the adaptive traffic); each impression and its events
+    are also counted under it (:attr:`TrafficReport.groups`).
     """
 
     def __init__(
@@ -99,6 +123,7 @@ class SimulatedUsers:
         seed: int = 0,
         timeout_s: float = 10.0,
         token: str | None = None,
+        group: Callable[[Any], str] | None = None,
     ) -> None:
         root = Path(data_dir)
         specs = read_tasks(root)
@@ -118,6 +143,7 @@ class SimulatedUsers:
             self._headers["Authorization"] = f"Bearer {token}"
         self._rng = np.random.default_rng([seed, 7])
         self._lock = threading.Lock()
+        self._group = group
 
     @property
     def tasks(self) -> list[str]:
@@ -152,9 +178,11 @@ class SimulatedUsers:
     def one(self, q: int, report: TrafficReport) -> None:
         """Request ``q``, then feedback for every item shown."""
         row_of = self.rows(q)
+        request = self.request_body(q)
+        group = None if self._group is None else self._group(request["user_id"])
         start = time.perf_counter()
         try:
-            status, body = self.post("/v1/recommend", self.request_body(q))
+            status, body = self.post("/v1/recommend", request)
         except (OSError, ValueError) as e:
             status, body = -1, {"error": type(e).__name__}
         ms = (time.perf_counter() - start) * 1000
@@ -172,6 +200,11 @@ class SimulatedUsers:
                 report.impressions += 1
                 for t, v in events.items():
                     report.events[t] = report.events.get(t, 0) + int(v)
+                if group is not None:
+                    tally = report.groups.setdefault(group, {"impressions": 0, "events": {}})
+                    tally["impressions"] += 1
+                    for t, v in events.items():
+                        tally["events"][t] = tally["events"].get(t, 0) + int(v)
             if any(events.values()):
                 feedback = {"request_id": body["request_id"], "item_id": shown["item_id"], "events": events}
                 try:
@@ -199,6 +232,39 @@ class SimulatedUsers:
                     progress(report)
         report.seconds = time.perf_counter() - t0
         return report
+
+    def score(self, queries: range, concurrency: int = 4) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        """The service's predictions of every candidate of requests ``queries`` (``POST /v1/score``, which
+        counts no impression): per request, its candidates' pool rows ``(K,) int64`` and the predictions
+        ``{task: (K,) float64}`` in the same order. RuntimeError naming the request and status when the
+        service does not answer one."""
+
+        def one(q: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+            body = self.request_body(q)
+            body.pop("k")  # /v1/score answers every candidate, in order
+            status, out = self.post("/v1/score", body)
+            if status != 200:
+                raise RuntimeError(f"POST /v1/score of request {q} answered {status}: {out}")
+            row_of = self.rows(q)
+            rows = np.array([row_of[it["item_id"]] for it in out["items"]], np.int64)
+            tasks = out["items"][0]["predictions"]
+            return rows, {t: np.array([it["predictions"][t] for it in out["items"]]) for t in tasks}
+
+        with ThreadPoolExecutor(concurrency) as pool:
+            return list(pool.map(one, queries))
+
+    def expected_rates(
+        self,
+        scored: list[tuple[np.ndarray, dict[str, np.ndarray]]],
+        weights: dict[str, float],
+        scales: dict[str, float],
+    ) -> dict[str, float]:
+        """The exact expected events per impression of each task (true probabilities, no sampling) if the
+        requests of ``scored`` (:meth:`score`) were served under ``weights``: each ranked as serving ranks
+        (:func:`mtrec.fusion.rank` with the bundle's fusion ``scales``), its top ``k`` shown."""
+        shown = [rows[rank(preds, weights, self._k, scales)[0]] for rows, preds in scored]
+        truth = self._pool.truth[np.concatenate(shown)]  # (impressions, T)
+        return {t: float(x) for t, x in zip(self._pool.tasks, truth.mean(axis=0))}
 
     def _draw(self, row: int) -> dict[str, int]:
         """Funnel events of one shown item: each task fires with p(task | parent) once its parent fired."""

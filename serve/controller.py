@@ -3,8 +3,9 @@
 Every ``period_s`` the controller reads one window of per-arm counts from its source
 (:mod:`mtrec_serve.sources`: a Prometheus server, or Ray's metrics endpoint directly), hands it to a pure
 policy of :mod:`mtrec.fusion` (static, proportional, target, calibrated), persists the policy's state,
-publishes the weights, their staleness and the action as metrics (:mod:`mtrec_serve.metrics`) and logs
-each change with its reason. When the source fails (Prometheus down, garbage answers, samples older
+publishes the weights, their staleness and the action as metrics (:mod:`mtrec_serve.metrics`; the
+deployment adds what the policy measured against the holdout: the main arm's lift and the guardrails,
+:func:`mtrec_serve.metrics.set_report`) and logs each change with its reason. When the source fails (Prometheus down, garbage answers, samples older
 than twice the scrape interval) the policy holds the last good weights, the reading is counted in
 ``mtrec_controller_rejected_reads{reason}`` and the staleness gauge (the age of the newest sample
 read) rises; the Ingress keeps serving.
@@ -344,6 +345,7 @@ class WeightController:
             state_file(state_path, deployment),
             scales=scales,
         )
+        serve_metrics.set_report(self._control.decision()["report"])
         self._period_s = float(period_s)
         self._lock = asyncio.Lock()  # one step at a time: the background loop and step() calls
         # The constructor runs on the replica's event loop, so the control loop lives beside the requests.
@@ -361,7 +363,9 @@ class WeightController:
         """One control iteration now (the background loop also runs one every ``period_s``)."""
         async with self._lock:
             obs = await asyncio.to_thread(self._control.read)  # HTTP to the source, off the event loop
-            return self._control.apply(obs)
+            decision = self._control.apply(obs)
+            serve_metrics.set_report(decision["report"])  # the lift and guardrails against the holdout
+            return decision
 
     async def decision(self) -> dict[str, Any]:
         return self._control.decision()

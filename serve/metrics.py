@@ -48,6 +48,7 @@ DEPLOYMENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # what an id ma
 K8S_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 # why the controller refused a reading (the ``reason`` label of mtrec_controller_rejected_reads)
 REJECT_REASONS = ("unreachable", "malformed", "non_finite", "stale")
+GUARDRAIL_STATES = {"held": 1.0, "uncertain": 0.0, "broken": -1.0}  # mtrec_guardrail_state's values
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,26 @@ METRICS: dict[str, MetricSpec] = {
             (),
         ),
         MetricSpec("mtrec_controller_updates", "counter", "Controller iterations per resulting action.", ("action",)),
+        MetricSpec(
+            "mtrec_lift_vs_holdout",
+            "gauge",
+            "The main arm's lift over the holdout in value per impression (relative; bound: estimate, and low "
+            "and high of its always-valid 95 % interval).",
+            ("bound",),
+        ),
+        MetricSpec(
+            "mtrec_guardrail_ratio",
+            "gauge",
+            "A guarded task's rate on the main arm over the holdout's (bound: ratio, low of its always-valid "
+            "95 % interval, least allowed).",
+            ("task", "bound"),
+        ),
+        MetricSpec(
+            "mtrec_guardrail_state",
+            "gauge",
+            "A guarded task's state against the holdout: 1 held, 0 uncertain, -1 broken.",
+            ("task",),
+        ),
         MetricSpec(
             "mtrec_controller_rejected_reads",
             "counter",
@@ -276,3 +297,21 @@ def record_rejected_read(reason: str) -> None:
 def record_update(action: str) -> None:
     """One controller iteration that ended in ``action`` (hold, wait, keep, update, promote, explore)."""
     _metric("mtrec_controller_updates").inc(1.0, tags("mtrec_controller_updates", action=action))
+
+
+def set_report(report: Mapping[str, Any]) -> None:
+    """What the policy measured against the holdout (``Decision.report`` of the ``calibrated`` policy;
+    other policies report nothing, and nothing is set): the main arm's lift with its always-valid 95 %
+    interval, and each guardrail's ratio, lower bound, least ratio and state. A bound the report leaves
+    out (None: no data yet) is not set."""
+    lift = report.get("lift_vs_holdout") or {}
+    for bound in ("estimate", "low", "high"):
+        if lift.get(bound) is not None:
+            _metric("mtrec_lift_vs_holdout").set(float(lift[bound]), tags("mtrec_lift_vs_holdout", bound=bound))
+    for task, g in (report.get("guardrails") or {}).items():
+        for bound in ("ratio", "low", "least"):
+            if g.get(bound) is not None:
+                metric, labels = _metric("mtrec_guardrail_ratio"), tags("mtrec_guardrail_ratio", task=task, bound=bound)
+                metric.set(float(g[bound]), labels)
+        if g.get("state") in GUARDRAIL_STATES:
+            _metric("mtrec_guardrail_state").set(GUARDRAIL_STATES[g["state"]], tags("mtrec_guardrail_state", task=task))

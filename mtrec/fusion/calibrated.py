@@ -523,8 +523,8 @@ class CalibratedPolicy(Policy):
         difference it tests)."""
         fresh, guards = self._evidence()
         for e, scale in zip(evidence, [fresh, *guards.values()]):
-            if e.tau <= 0:
-                e.tau = max(scale.tau, 1e-12)
+            if e.tau <= 0 < scale.tau:  # not before the pooled rates exist: a scale fixed at ~0 would
+                e.tau = scale.tau  # make every later interval ~1e9 times too wide
 
     # ------------------------------------------------------------------------------ the decision
 

@@ -94,13 +94,15 @@ class Evidence:
     def posterior(self, prior_mean: float = 0.0) -> tuple[float, float]:
         """``(mean, sd)`` of theta under the prior ``N(prior_mean, tau^2)`` and the Gaussian likelihood.
         Not always valid: for allocating traffic and stopping, never for claims."""
+        if self.tau <= 0:  # no scale yet: the prior is all there is
+            return prior_mean, 0.0
         precision = self.info + self.tau**-2
         return (self.s + prior_mean * self.tau**-2) / precision, precision**-0.5
 
     def interval(self, alpha: float) -> tuple[float, float]:
         """A ``1 - alpha`` confidence sequence for theta: valid at every window at once. ``(-inf, inf)``
         before any data."""
-        if self.info <= 0:
+        if self.info <= 0 or self.tau <= 0:
             return -math.inf, math.inf
         a = 1.0 + self.tau**2 * self.info
         radius = math.sqrt(a / self.tau**2 * (2 * math.log(1 / alpha) + math.log(a))) / self.info

@@ -2,8 +2,8 @@
 through Ray Serve, a real Prometheus when the Debian binary is installed (as in CI).
 
 The demo runs in its own process with its own embedded Ray (it starts and stops everything itself,
-Serve included, which must not touch the session cluster other tests share). Its stdout and stderr
-share one pipe, as a terminal shows them; a pipe is not a terminal, so the demo draws no bars there."""
+Serve included, which must not touch the session cluster other tests share), started in the background
+with the session's first integration test (``conftest.demo_process``); these tests run last."""
 
 from __future__ import annotations
 
@@ -11,15 +11,12 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
-
-from mtrec_cluster.ray_env import free_port
 
 SERVING = re.compile(r"\[demo [0-9:]+\] serving on (\S+) ")
 MAX_LINES = 40
@@ -28,42 +25,30 @@ TASKS = {"click", "add_to_cart", "purchase", "ad_click"}
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """The quick demo with ``--keep-serving``: once it says it is serving, the service answers over
-    HTTP; then Ctrl-C (SIGINT) ends it cleanly (exit 0), everything it started is stopped, and the
-    summary comes last."""
-    out = tmp_path_factory.mktemp("demo") / "out"
-    cmd = [sys.executable, "-m", "mtrec_app.cli", "demo", "--quick", "--keep-serving", "--out", str(out)]
-    cmd += ["--port", str(free_port())]
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=os.environ.copy(),
-        # Ctrl-C as in a terminal: a test run started in the background (`make test &`, some CI
-        # runners) ignores SIGINT, and the demo would inherit that
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-    lines, deadline = [], time.monotonic() + 900
+def demo(demo_process):
+    """The quick demo with ``--keep-serving`` (started in the background by the session's
+    ``demo_process``): once it says it is serving, the service answers over HTTP; then Ctrl-C (SIGINT)
+    ends it cleanly (exit 0), everything it started is stopped, and the summary comes last."""
+    proc, terminal, out = demo_process
+    deadline = time.monotonic() + 900
+    serving = None
+    while serving is None and proc.poll() is None and time.monotonic() < deadline:
+        lines = terminal.read_text(errors="replace").splitlines()
+        serving = next((m for m in map(SERVING.match, lines) if m), None)
+        if serving is None:
+            time.sleep(1)
     try:
-        for line in proc.stdout:  # the demo prints a line per stage: this loop ends at "serving on"
-            lines.append(line)
-            if SERVING.match(line) or time.monotonic() > deadline:
-                break
-        kept = "".join(lines)
-        serving = SERVING.match(lines[-1]) if lines else None
-        assert serving, kept[-3000:] + _log_tail(out)
-        url = serving.group(1)
-        with urllib.request.urlopen(url + "/healthz", timeout=10) as r:
+        assert serving, terminal.read_text(errors="replace")[-3000:] + _log_tail(out)
+        with urllib.request.urlopen(serving.group(1) + "/healthz", timeout=10) as r:
             assert r.status == 200  # --keep-serving: still up
         proc.send_signal(signal.SIGINT)
-        rest, _ = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, kept[-3000:] + _log_tail(out)
-    return out, json.loads((out / "summary.json").read_text()), kept + rest
+    text = terminal.read_text(errors="replace")
+    assert proc.returncode == 0, text[-3000:] + _log_tail(out)
+    return out, json.loads((out / "summary.json").read_text()), text
 
 
 def _log_tail(out) -> str:
@@ -107,8 +92,10 @@ def test_the_terminal_is_quiet_and_the_summary_comes_last(demo):
     assert block[1].startswith("ray-mtrec demo finished"), block
     assert any(line.startswith("served model:") for line in block), block
     for task in TASKS:
-        row = f"  {task:<14}{s['test_auc'][task]:>8.3f}{s['oracle_auc'][task]:>8.3f}"
-        assert row in block, (row, block)
+        cell = f"{task} {s['test_auc'][task]:.3f} ({s['oracle_auc'][task]:.3f})"
+        assert any(line.startswith("  test AUC, served (oracle): ") and cell in line for line in block), (cell, block)
+    verdict = f"verdict: {s['holdout']['verdict']} (controller: lift of {s['main_arm']} over the holdout"
+    assert any(line.startswith(verdict) for line in block), (verdict, block)
     serving = next(i for i, line in enumerate(lines) if SERVING.match(line))
     assert serving < lines.index(block[0])  # stopped first (after Ctrl-C), then the summary
 
@@ -116,12 +103,43 @@ def test_the_terminal_is_quiet_and_the_summary_comes_last(demo):
     assert "[train] epoch" in log  # the workers' own output went to the log, not to the terminal
 
 
-def test_the_controller_moved_the_weights_from_the_feedback(demo):
+def test_the_adaptive_traffic_is_measured_against_the_holdout(demo):
+    """The controller runs the adaptive policy with its permanent holdout; the summary sets the adaptive
+    traffic against the holdout, takes its verdict from the controller's always-valid interval, and
+    names the exact expected north star of the weights before and after on the requests sent."""
+    from mtrec.fusion.stats import Evidence, value_variance
+
     _, s, _ = demo
-    before, after = s["weights_before"], s["weights_after"]
-    assert set(before) == set(after) and abs(sum(after.values()) - 1) < 1e-6
-    assert max(abs(after[t] - before[t]) for t in before) > 0.01, (before, after, s["controller_reason"])
-    assert "purchase" in s["controller_reason"]  # the target policy's reason names the rate it holds
+    h, v, params = s["holdout"], s["serving"], s["policy"]["params"]
+    assert s["policy"]["name"] == "calibrated" and params["holdout"] == h["holdout_share"] == 0.05
+    # every impression counted once, on its side; the holdout's users are about 5 % of them
+    assert h["adaptive"]["impressions"] + h["holdout"]["impressions"] == h["impressions"] == v["impressions"]
+    assert 0 < h["holdout"]["impressions"] < 0.2 * v["impressions"], h
+    for side in ("adaptive", "holdout"):
+        value, low, high = h[side]["value"]
+        assert low <= value <= high and set(h[side]["rates"]) == set(params["guardrails"]) == {"click"}
+        for rate, low, high in h[side]["rates"].values():
+            assert low <= rate <= high and 0 <= rate <= 1
+    # the controller's own report: its lift interval holds its estimate, and gives the verdict
+    lift = h["lift"]
+    assert lift["arm"] == s["main_arm"] and lift["windows"] > 0, (lift, s["controller_reason"])
+    assert lift["low"] <= lift["estimate"] <= lift["high"], lift
+    verdict = "helped" if lift["low"] > 0 else "hurt" if lift["high"] < 0 else "no detectable difference"
+    assert h["verdict"] == verdict
+    assert set(h["guardrails"]) == {"click"} and h["guardrails"]["click"]["state"] in ("held", "uncertain", "broken")
+    # the impressions a 1 % lift takes: from the variance of the value at the rates the users produced
+    values = params["values"]
+    rates = np.array([v["events"][t] / v["impressions"] for t in values])
+    assert h["variance"] == pytest.approx(value_variance(np.array(list(values.values())), rates))
+    need, per_impression = h["impressions_to_detect"], h["variance"] * (1 / 0.05 + 1 / 0.95)
+    radius = [Evidence(h["tau"], info=n / per_impression).interval(0.05) for n in (need, 0.9 * need)]
+    assert need > 0 and (radius[0][1] - radius[0][0]) / 2 <= 0.01 * h["value"] < (radius[1][1] - radius[1][0]) / 2
+    # the exact expected value per impression of the main arm's weights, on the requests sent
+    e, before, after = s["expected"], s["weights_before"], s["weights_after"]
+    assert e["requests"] == v["requests"] and all(np.isfinite(e[k]) and e[k] > 0 for k in ("before", "after")), e
+    if after == before:
+        assert e["after"] == e["before"]  # the same requests, ranked the same way
+    assert set(before) == set(after) == TASKS and abs(sum(after.values()) - 1) < 1e-6
 
 
 def test_the_demo_left_nothing_running(demo):

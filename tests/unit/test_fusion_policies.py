@@ -363,3 +363,20 @@ def test_promotion_needs_the_sequential_test_a_null_world_with_many_looks_rarely
 
 def test_the_default_adaptive_policy_is_the_calibrated_one():
     assert ADAPTIVE == "calibrated" and ADAPTIVE in POLICIES
+
+
+def test_a_first_window_without_events_does_not_widen_every_later_interval():
+    """The controller steps before traffic arrives: an empty first window must not fix the evidence's
+    mixture scale at ~0 (every later interval ~1e9 times too wide, no promotion ever)."""
+    limits = Limits(min_weight=0.05, max_weight=0.8, max_step=0.1, smoothing=0.5, min_events=10)
+    intervals = []
+    for empty_first in (False, True):
+        policy = make("calibrated", limits)
+        if empty_first:
+            empty = ArmCounts(0.0, dict.fromkeys(TASKS, 0.0), dict.fromkeys(TASKS, 0.0))
+            policy.update(Observation(0, dict.fromkeys(policy.current.traffic, empty)))
+        run(policy, 5, 1, np.random.default_rng(9), lambda w: 0.003, n=2e4)
+        lift = policy.current.report["lift_vs_holdout"]
+        assert lift["low"] <= lift["estimate"] <= lift["high"]
+        intervals.append(lift["high"] - lift["low"])
+    assert intervals[1] < 2 * intervals[0], intervals

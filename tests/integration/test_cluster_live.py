@@ -58,6 +58,10 @@ class Emitter:
         m.set_staleness(3.0)
         m.record_rejected_read("stale")
         m.record_update("hold")
+        m.set_report({
+            "lift_vs_holdout": {"estimate": 0.02, "low": -0.01, "high": 0.05},
+            "guardrails": {"click": {"ratio": 1.0, "low": 0.97, "least": 0.98, "state": "uncertain"}},
+        })
         return True
 
 emitter = Emitter.options(name="mtrec-test-emitter", lifetime="detached").remote()
@@ -181,7 +185,7 @@ def test_submit_train_runs_the_job_and_writes_a_bundle(local_cluster, tmp_path):
     data = generate("ecommerce", tmp_path / "data", num_users=200, num_items=100, num_interactions=3000, seed=0)
     run = tmp_path / "run"
     args = ["--data", str(data), "--out", str(run), "--preset", "synthetic-ecommerce"]
-    args += ["train.num_workers=1", "train.epochs=1"]
+    args += ["train.num_workers=0", "train.epochs=1"]  # the job's path is tested here; Ray Train's in test_train
     done = mtrec(["submit", "train", "--", *args], env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "SUCCEEDED" in done.stderr and "Running entrypoint" in done.stdout  # logs were streamed
@@ -189,7 +193,7 @@ def test_submit_train_runs_the_job_and_writes_a_bundle(local_cluster, tmp_path):
     assert set(metrics["test"]) == {"click", "add_to_cart", "purchase", "ad_click"}
     bundle = load_bundle(run / "bundle")  # the job's own run: the preset under the arguments passed
     assert [t.name for t in bundle.meta.tasks] == list(metrics["test"])
-    assert bundle.cfg.model.arch == "mmoe" and (bundle.cfg.train.num_workers, bundle.cfg.train.epochs) == (1, 1)
+    assert bundle.cfg.model.arch == "mmoe" and (bundle.cfg.train.num_workers, bundle.cfg.train.epochs) == (0, 1)
 
 
 def test_submit_exits_with_the_jobs_failure(local_cluster, tmp_path):

@@ -90,6 +90,7 @@ def _worker(rank: int, port: int) -> None:
     try:
         for name in WEIGHTINGS:
             _run_strategy(name, rank)
+        dist.barrier()  # neither rank tears gloo down while the other is still in a collective (SIGABRT)
     finally:
         dist.destroy_process_group()
 

@@ -14,6 +14,9 @@ from mtrec_cluster.ray_env import apply_local_env
 
 apply_local_env()  # before any test module imports ray (Ray reads some of it once, at import)
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only test cluster; the product keeps token auth on
+# Ray's metrics reach its export port every 10 s by default; every live test waits on that pipeline
+# (Prometheus scrapes each second), so the session's Ray exports every 2 s
+os.environ.setdefault("RAY_metrics_report_interval_ms", "2000")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 HERE = Path(__file__).parent

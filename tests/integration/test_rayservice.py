@@ -10,15 +10,12 @@ asks for must be the ones in force."""
 
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from polling import wait_until
+from polling import call_json, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -72,17 +69,7 @@ def rayservice(ray_cluster, serve_http, serve_bundle, prometheus_server, tmp_pat
 
 
 def call(url: str, body: dict | None = None, token: str | None = TOKEN) -> tuple[int, dict]:
-    req = urllib.request.Request(
-        url, None if body is None else json.dumps(body).encode(), method="POST" if body else "GET"
-    )
-    req.add_header("Content-Type", "application/json")
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
+    return call_json(url, "POST" if body else "GET", body, token=token, timeout=30)
 
 
 def test_every_deployment_of_the_manifest_comes_up_healthy_and_serves(rayservice):

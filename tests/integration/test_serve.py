@@ -3,12 +3,9 @@ bad input is a 4xx with a message (never a 5xx)."""
 
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
-
 import pyarrow.parquet as pq
 import pytest
+from polling import call_json
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -41,17 +38,8 @@ def app(ray_cluster, serve_http, serve_bundle):
 
 
 def call(app, method: str, path: str, body=None, raw: bytes | None = None, token: str | None = TOKEN):
-    """(status, JSON answer) of one HTTP call."""
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    req = urllib.request.Request(app["url"] + path, data=data, method=method)
-    req.add_header("Content-Type", "application/json")
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
+    """(status, JSON answer) of one HTTP call to the app."""
+    return call_json(app["url"] + path, method, body, raw, token)
 
 
 def embedder_stats() -> dict:

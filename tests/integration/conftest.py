@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,11 @@ from mtrec_cluster.ray_env import apply_local_env
 
 apply_local_env()  # before any test module imports ray (Ray reads some of it once, at import)
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only test cluster; the product keeps token auth on
+# Ray's metrics reach its export port every 10 s by default; every live test on the session's Ray (and
+# the demo's) waits on that pipeline (Prometheus scrapes each second), so they export every 2 s; the
+# cluster test_cluster_live starts by command keeps the default, as a user's would
+FAST_EXPORT = "RAY_metrics_report_interval_ms"
+os.environ.setdefault(FAST_EXPORT, "2000")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 HERE = Path(__file__).parent
@@ -69,28 +73,11 @@ def _demo_in_the_background(request):
         request.getfixturevalue("demo_process")
 
 
-# Ray's metrics reach its export port every 10 s by default; every live test on the session cluster
-# waits on that pipeline (Prometheus scrapes each second), so that cluster exports every 2 s. Only its
-# processes get the setting: the clusters the tests start by command (`mtrec cluster up`, the demo) keep
-# the default, as a user's would.
-FAST_EXPORT = {"RAY_metrics_report_interval_ms": "2000"}
-
-
 @pytest.fixture(scope="session")
 def ray_cluster():
     from mtrec_cluster.ray_env import local_ray
 
-    saved = {k: os.environ.get(k) for k in FAST_EXPORT}
-    os.environ.update(FAST_EXPORT)
-    with ExitStack() as stack:
-        try:
-            stack.enter_context(local_ray(num_cpus=4))
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+    with local_ray(num_cpus=4):
         import ray
 
         yield ray

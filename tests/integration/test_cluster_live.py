@@ -98,7 +98,8 @@ def wait_for(predicate, timeout_s: float, what: str):
 @pytest.fixture(scope="module")
 def local_cluster(tmp_path_factory):
     state_dir = tmp_path_factory.mktemp("cluster")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}  # token auth on, as users get it
+    # token auth on, as users get it; Ray's default metrics export interval (conftest shortens the session's)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_metrics_report_interval_ms")}
     env["MTREC_CLUSTER_DIR"] = str(state_dir)
     recorded: list[dict] = []
     try:

@@ -158,6 +158,7 @@ def against_holdout(
     pooled = np.array([sum(c["events"].get(t, 0) for c in groups.values()) / max(n, 1) for t in values])
     v = np.array(list(values.values()))
     value, variance = float(weighted_sum(pooled, v)), value_variance(v, pooled)
+    tau = params["effect"] * value
     lift = dict(report.get("lift_vs_holdout") or {})
     low, high = lift.get("low"), lift.get("high")
     verdict = (
@@ -172,10 +173,8 @@ def against_holdout(
         "value": value,
         "variance": variance,
         "holdout_share": params["holdout"],
-        "tau": params["effect"] * value,
-        "impressions_to_detect": impressions_to_detect(
-            DETECT, value, variance, params["holdout"], params["effect"] * value
-        ),
+        "tau": tau,
+        "impressions_to_detect": impressions_to_detect(DETECT, value, variance, params["holdout"], tau),
     }
 
 

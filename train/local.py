@@ -102,8 +102,9 @@ class LocalTrainer:
     def _record(self, dest: Path, metrics: dict[str, Any]) -> None:
         """``dest`` counts from now on (its report beside it); only the best few and the latest stay."""
         atomic_write_text(dest.with_name(dest.name + ".json"), json.dumps(metrics, default=float))
-        kept = {i for i, _, _ in sorted(self._saved(), key=lambda c: _score(c[2]), reverse=True)[: self._keep]}
-        for i, d, _ in self._saved()[:-1]:
+        saved = self._saved()
+        kept = {i for i, _, _ in sorted(saved, key=lambda c: _score(c[2]), reverse=True)[: self._keep]}
+        for i, d, _ in saved[:-1]:
             if i not in kept:
                 d.with_name(d.name + ".json").unlink(missing_ok=True)
                 shutil.rmtree(d, ignore_errors=True)

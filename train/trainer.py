@@ -51,12 +51,16 @@ class TrainingInputs:
     context_vectors: Any = None  # ObjectRef of a (num_contexts + 1, D) array (or the array), or None
 
 
-@ray.remote(num_cpus=1, num_returns=2)
-def _encode_once(cfg_dict: dict[str, Any], examples_root: str) -> tuple[np.ndarray, np.ndarray | None]:
+def _encode(cfg: Config, examples_root: str) -> tuple[np.ndarray, np.ndarray | None]:
     """Frozen mode: every item (and context) text through the language model, once per run."""
-    cfg = Config.from_dict(cfg_dict)
     item_vectors, context_vectors, _ = text_inputs(cfg, ExampleSet.load(examples_root).meta)
     return item_vectors.numpy(), None if context_vectors is None else context_vectors.numpy()
+
+
+@ray.remote(num_cpus=1, num_returns=2)
+def _encode_once(cfg_dict: dict[str, Any], examples_root: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`_encode` as one Ray task: its arrays reach every worker through the object store."""
+    return _encode(Config.from_dict(cfg_dict), examples_root)
 
 
 def resolve_config(cfg: Config, data_dir: str | Path) -> Config:
@@ -75,9 +79,7 @@ def prepare(cfg: Config, data_dir: str | Path, work_dir: str | Path) -> Training
     if cfg.encoder.mode == "frozen" and ray.is_initialized():
         inputs.item_vectors, inputs.context_vectors = _encode_once.remote(cfg.to_dict(), str(examples.root))
     elif cfg.encoder.mode == "frozen":  # in-process training (train.num_workers=0) without a Ray
-        item_vectors, context_vectors, _ = text_inputs(cfg, examples.meta)
-        inputs.item_vectors = item_vectors.numpy()
-        inputs.context_vectors = None if context_vectors is None else context_vectors.numpy()
+        inputs.item_vectors, inputs.context_vectors = _encode(cfg, str(examples.root))
     # fail here, once, not in every worker on every retry; a finetune model would load the language model
     if cfg.encoder.mode != "finetune":
         build_run_model(cfg, examples.meta, inputs.item_vectors, inputs.context_vectors)

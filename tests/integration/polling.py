@@ -36,3 +36,16 @@ def call_json(
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read() or b"{}")
+
+
+def scrape_health(prometheus_url: str) -> str:
+    """One line per target of a Prometheus: health, last scrape's duration and error (for a failure's message)."""
+    try:
+        _, body = call_json(prometheus_url + "/api/v1/targets", timeout=10)
+        targets = body["data"]["activeTargets"]
+    except (OSError, KeyError, ValueError) as e:
+        return f"prometheus targets unreadable: {e}"
+    return "\n".join(
+        f"{t['scrapeUrl']}: {t['health']}, last scrape {t.get('lastScrapeDuration', 0):.2f} s, error {t['lastError']!r}"
+        for t in targets
+    )

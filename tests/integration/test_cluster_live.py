@@ -16,13 +16,13 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pytest
+from polling import wait_until
 
 from mtrec_cluster import local
 from mtrec_cluster.prometheus import stop_prometheus
@@ -84,17 +84,6 @@ def promql(prometheus: str, expr: str) -> dict:
     return get_json(f"{prometheus}/api/v1/query?{urllib.parse.urlencode({'query': expr})}")
 
 
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(2)
-
-
 @pytest.fixture(scope="module")
 def local_cluster(tmp_path_factory):
     state_dir = tmp_path_factory.mktemp("cluster")
@@ -146,9 +135,11 @@ def test_prometheus_scrapes_the_cluster(local_cluster):
         active = get_json(f"{prometheus}/api/v1/targets")["data"]["activeTargets"]
         return active if active and all(t["health"] == "up" for t in active) else None
 
-    active = wait_for(targets_up, 60, "every scrape target up")
+    active = wait_until(targets_up, 60, "every scrape target up", poll_s=1.0)
     assert f"127.0.0.1:{state['ports']['metrics']}" in {t["labels"]["instance"] for t in active}
-    result = wait_for(lambda: promql(prometheus, "ray_node_cpu_count")["data"]["result"], 60, "ray_node_cpu_count")
+    result = wait_until(
+        lambda: promql(prometheus, "ray_node_cpu_count")["data"]["result"], 60, "ray_node_cpu_count", poll_s=1.0
+    )
     assert float(result[0]["value"][1]) == 2.0
 
 
@@ -160,22 +151,29 @@ def test_dashboard_and_alert_queries_read_live_series(local_cluster):
     _, _, state = local_cluster
     client = ray.job_submission.JobSubmissionClient(state["dashboard_url"], headers=local.token_headers())
     job = client.submit_job(entrypoint=f"python -c {shlex.quote(EMIT)}", runtime_env=runtime_env())
-    status = wait_for(lambda: client.get_job_status(job).is_terminal() and client.get_job_status(job), 120, "job")
+    status = wait_until(
+        lambda: client.get_job_status(job).is_terminal() and client.get_job_status(job), 120, "job", poll_s=1.0
+    )
     assert status.value == "SUCCEEDED", client.get_job_logs(job)
 
     prometheus = state["prometheus"]["url"]
     board = manifest_checks.dashboard()
     exprs = manifest_checks.dashboard_exprs(board) + manifest_checks.rule_exprs()
     for name in sorted(set().union(*map(manifest_checks.metric_names, exprs))):
-        wait_for(lambda n=name: promql(prometheus, f"count({n})")["data"]["result"], 90, f"series {name}")
-    time.sleep(12)  # two more scrapes: rate() needs two samples
+        wait_until(lambda n=name: promql(prometheus, f"count({n})")["data"]["result"], 90, f"series {name}", poll_s=1.0)
     values = {"$__rate_interval": "1m", "$cluster": ".*", "$deployment": "test.mtrec"}
     values |= {"$ctr_task": "click", "$cvr_task": "purchase"}
     for expr in manifest_checks.dashboard_exprs(board):
         for var, value in values.items():
             expr = expr.replace(var, value)
-        answer = promql(prometheus, expr)
+        # rate() needs two samples of a series: a panel may answer empty until the next scrape
+        answer = wait_until(lambda e=expr: _answered(promql(prometheus, e)), 60, f"an answer to {expr}", poll_s=1.0)
         assert answer["status"] == "success" and answer["data"]["result"], expr
+
+
+def _answered(answer: dict) -> dict | None:
+    """A PromQL answer that holds series, else None (a failed query raises in promql)."""
+    return answer if answer["status"] == "success" and answer["data"]["result"] else None
 
 
 def test_submit_train_runs_the_job_and_writes_a_bundle(local_cluster, tmp_path):

@@ -15,6 +15,7 @@ import math
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,8 +164,10 @@ def run_loop(config: dict[str, Any], session: WorkerSession) -> dict[str, Any]:
     total_steps = steps_per_epoch * cfg.train.epochs
     every = cfg.train.checkpoint_every_steps
     scheduler = make_scheduler(optimizer, total_steps)  # cosine decay, a pure function of the step
-    for _ in range(state.step):  # resumed: catch the schedule up with the restored step
-        scheduler.step()
+    with warnings.catch_warnings():  # resumed: catch the schedule up with the restored step (no optimizer
+        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)  # step: on purpose)
+        for _ in range(state.step):
+            scheduler.step()
 
     def report(metrics: dict[str, Any], with_checkpoint: bool) -> None:
         with tempfile.TemporaryDirectory() as tmp:

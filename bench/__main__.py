@@ -31,6 +31,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], str]] = {
     "llm": ("bench.llm_bench", [], "ID only / MiniLM / SmolLM2 frozen and fine-tuned on MovieLens-100K"),
     "serving": ("bench.serve_bench", [], "HTTP latency and throughput against an echo floor and in-process"),
     "reliability": ("bench.reliability_bench", [], "faults, fuzzing and a soak under load"),
+    "autoscale": ("bench.autoscale_bench", [], "a load step: replicas of Embedder and TaskHeads up and back down"),
 }
 
 

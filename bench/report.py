@@ -118,6 +118,20 @@ def _serving(doc: dict) -> Iterator[Row]:
         yield f"{graph}: CPU ms per request, all processes", ("target_concurrency_8", "cpu_ms_per_request", graph)
 
 
+def _autoscale(doc: dict) -> Iterator[Row]:
+    yield "offered rate during the step (requests/s)", ("setting", "rate")
+    for kind in doc.get("knee", {}):
+        yield f"one replica, {kind}: knee (requests in flight)", ("knee", kind, "knee_concurrency")
+        yield f"one replica, {kind}: requests/s at the knee", ("knee", kind, "knee_rps")
+    for key in ("min_replicas", "max_replicas", "scale_up_s", "scale_down_s"):
+        for d in doc[key]:
+            yield f"{d}: {key.replace('_', ' ')}", (key, d)
+    for key in ("failed_share", "p99_ms_idle", "p99_ms_during"):
+        yield key.replace("_", " "), (key,)
+    for key in doc["met"]:
+        yield f"target met: {key.replace('_', ' ')}", ("met", key)
+
+
 def _headline(doc: dict) -> Iterator[Row]:
     for key in doc.get("headline", {}):
         yield key, ("headline", key)
@@ -131,6 +145,7 @@ SECTIONS: dict[str, tuple[str, Callable[[dict], Iterator[Row]]]] = {
     "llm": ("Text backbones on MovieLens-100K: ID only, MiniLM, SmolLM2", _per_task_runs),
     "serving": ("Serving latency through HTTP (Ray Serve), against an echo floor and an in-process call", _serving),
     "control": ("Fusion-weight control in semi-synthetic worlds (gap closed, safety, honest statistics)", _control),
+    "autoscale": ("Autoscaled serving: a load step and the replicas following it", _autoscale),
 }
 
 # What the figures mean, under their section's heading: findings that outlive one run, so no figure
@@ -146,6 +161,13 @@ NOTES: dict[str, str] = {
         "`proportional` and `target` close gaps in some worlds by accident and break the guardrail in most "
         "(`experiment_violations`, `guardrail_violations` in the JSON). Worlds, metrics and the policy: "
         "`mtrec/fusion/worlds.py`, `bench/control_bench.py`, `mtrec/fusion/calibrated.py`."
+    ),
+    "autoscale": (
+        "Open-loop traffic, idle -> step -> idle, with the autoscaling defaults of `mtrec serve` (README, "
+        "Autoscaling) on a local Ray of 8 logical CPUs. On a 2-core host a second replica adds a process, not a "
+        "core: the replicas follow the load, but latency during the step is bounded by the host's two cores, "
+        "so the p99 target (at most 3x the idle p99) needs a host with more cores than the bench's. The "
+        "timeline of every replica count and request is in the JSON (`timeline`, `request_log`)."
     ),
     "serving": (
         "`--heads-in-ingress` saves a hop per request; with fewer cores than concurrent requests the CPU time "

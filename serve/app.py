@@ -84,11 +84,15 @@ class AppArgs(BaseModel):
 
 def build_app(args: dict[str, Any]) -> ray.serve.Application:
     """The application for ``args`` (see :class:`AppArgs`); ConfigError naming a bad field."""
+    return graph(app_args(args))
+
+
+def app_args(args: dict[str, Any]) -> AppArgs:
+    """``args`` checked as :class:`AppArgs`; ConfigError naming a bad field."""
     try:
-        parsed = AppArgs.model_validate(args)
+        return AppArgs.model_validate(args)
     except ValidationError as e:
         raise ConfigError(f"mtrec_serve.app args: {e}") from e
-    return graph(parsed)
 
 
 def graph(args: AppArgs, options: dict[str, dict[str, Any]] | None = None) -> ray.serve.Application:

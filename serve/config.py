@@ -19,18 +19,22 @@ DEPLOYMENTS = ("Ingress", "Embedder", "TaskHeads", "WeightController")
 
 # Embedder and TaskHeads scale with load; the Ingress holds the per-replica feedback ledger (see
 # mtrec_serve.app) and the WeightController is one actor by design, so both stay at one replica.
+# The RayService (k8s/base/rayservice.serve.yaml) carries the same blocks (a unit test holds them equal).
+# target_ongoing_requests from `python -m bench autoscale`'s one-replica knee (bench/results/autoscale.json):
+# with cold texts (3 per request) an Embedder replica gives 87 % of its best throughput at 4 requests in
+# flight and only queues beyond; with catalog items only, the path through TaskHeads reaches 93 % at 8.
 AUTOSCALING: dict[str, dict[str, Any]] = {
     "Embedder": {
         "min_replicas": 1,
-        "max_replicas": 2,
-        "target_ongoing_requests": 8,
+        "max_replicas": 4,
+        "target_ongoing_requests": 4,
         "upscale_delay_s": 5,
         "downscale_delay_s": 60,
     },
     "TaskHeads": {
         "min_replicas": 1,
         "max_replicas": 4,
-        "target_ongoing_requests": 16,
+        "target_ongoing_requests": 8,
         "upscale_delay_s": 5,
         "downscale_delay_s": 60,
     },

@@ -31,6 +31,8 @@ from mtrec.errors import ConfigError
 from mtrec.fusion import POLICIES, check_policy, policy_class
 from mtrec.io import atomic_write_text
 
+APP = "mtrec"  # the Serve application's name
+
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", required=True, help="the bundle directory training wrote (RUN/bundle)")
@@ -49,6 +51,14 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--heads-in-ingress",
         action="store_true",
         help="run the task heads inside the Ingress (no TaskHeads deployment: one hop less; small CPU models)",
+    )
+    p.add_argument(
+        "--autoscale",
+        action="append",
+        default=[],
+        metavar="DEPLOYMENT.KEY=VALUE",
+        help="an autoscaling_config field of Embedder or TaskHeads, e.g. TaskHeads.max_replicas=8 (repeatable; "
+        "defaults: README, Autoscaling)",
     )
 
 
@@ -101,15 +111,8 @@ def write_serve_config(argv: list[str]) -> int:
     _common(p)
     p.add_argument("--out", default=None, help="file to write (default: stdout)")
     p.add_argument("--rayservice", action="store_true", help="only the applications block (RayService serveConfigV2)")
-    p.add_argument("--name", default="mtrec", help="the application's name")
+    p.add_argument("--name", default=APP, help="the application's name")
     p.add_argument("--state-path", default=None, help="where the controller persists its state")
-    p.add_argument(
-        "--autoscale",
-        action="append",
-        default=[],
-        metavar="DEPLOYMENT.KEY=VALUE",
-        help="an autoscaling_config field of a deployment, e.g. Embedder.max_replicas=4 (repeatable)",
-    )
     p.add_argument("--auth-token-env", default=None, help="env var holding the bearer token of /v1/* (default: none)")
     args = p.parse_args(argv)
     doc = serve_config(
@@ -148,6 +151,14 @@ def run(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if not Path(args.bundle).is_dir():
         raise ConfigError(f"--bundle {args.bundle}: not a directory (training writes RUN/bundle)")
+    from mtrec_serve.config import autoscaling_blocks
+
+    overrides = _autoscale(args.autoscale)
+    if args.heads_in_ingress and "TaskHeads" in overrides:
+        raise ConfigError("--autoscale TaskHeads.*: with --heads-in-ingress there is no TaskHeads deployment")
+    blocks = autoscaling_blocks(overrides)  # every check before anything starts
+    if args.heads_in_ingress:
+        blocks.pop("TaskHeads")
     params = _check_policy(args)
     from mtrec_cluster.ray_env import local_ray
 
@@ -157,22 +168,28 @@ def run(argv: list[str]) -> int:
     with local_ray(args.address, export_metrics=True):
         import ray.serve
 
-        from mtrec_serve.app import build_app
+        from mtrec_serve.app import app_args, graph
+        from mtrec_serve.replicas import ReplicaWatch
 
         try:
             ray.serve.start(http_options={"host": args.host, "port": args.port})
-            app = build_app(
-                {
-                    "bundle": args.bundle,
-                    "prometheus_url": args.prometheus,
-                    "policy": args.policy,
-                    "policy_params": params,
-                    "heads_in_ingress": args.heads_in_ingress,
-                }
+            app = graph(
+                app_args(
+                    {
+                        "bundle": args.bundle,
+                        "prometheus_url": args.prometheus,
+                        "policy": args.policy,
+                        "policy_params": params,
+                        "heads_in_ingress": args.heads_in_ingress,
+                    }
+                ),
+                {name: {"autoscaling_config": block} for name, block in blocks.items()},
             )
-            ray.serve.run(app, name="mtrec", route_prefix="/")
+            ray.serve.run(app, name=APP, route_prefix="/")
             print(f"serving {args.bundle} on http://{args.host}:{args.port} (docs: /docs); Ctrl-C stops", flush=True)
-            stop.wait()
+            # autoscaling as it happens: a line per change of a deployment's running replicas
+            with ReplicaWatch(APP, lambda line: print(f"[serve] {line}", flush=True), period_s=2.0):
+                stop.wait()
         finally:
             ray.serve.shutdown()
     return 0

@@ -459,14 +459,29 @@ def test_overlay_builds_and_validates(overlay):
 # ------------------------------------------------------------------------------ monitoring
 
 
+# Ray Serve's own gauges the dashboard plots (replicas per deployment), as Ray exports them
+RAY_SERVE_GAUGES = ("serve_deployment_replica_healthy", "serve_autoscaling_target_replicas")
+
+
 def exported_series() -> set[str]:
+    """Every series the dashboard and rules may read: the app's, and the Ray Serve gauges Ray defines."""
     from mtrec_serve.metrics import METRICS, exported_name
 
     out = set()
     for name, spec in METRICS.items():
         series = ("bucket", "sum", "count") if spec.kind == "histogram" else ("",)
         out |= {exported_name(name, s) for s in series}
-    return out
+    return out | {f"ray_{g}" for g in RAY_SERVE_GAUGES if g in ray_serve_gauges()}
+
+
+@cache
+def ray_serve_gauges() -> set[str]:
+    """Names of the gauges the installed Ray Serve's controller defines (read from its source)."""
+    import ray.serve
+
+    private = Path(ray.serve.__file__).parent / "_private"
+    text = "".join(f.read_text() for f in private.glob("*.py"))
+    return set(re.findall(r'Gauge\(\s*"([a-z_]+)"', text))
 
 
 def dashboard() -> dict:
@@ -495,7 +510,7 @@ def test_monitoring_names_only_metrics_the_app_exports():
     used = set().union(*map(metric_names, exprs))
     assert used and used <= known, used - known
     titles = " ".join(p["title"] for p in dashboard()["panels"]).lower()
-    for topic in ("impressions", "feedback", "ctr", "cvr", "latency", "weights", "staleness"):
+    for topic in ("impressions", "feedback", "ctr", "cvr", "latency", "weights", "staleness", "replicas"):
         assert topic in titles, topic
     assert metric_names("rate(ray_mtrec_impresions_total[5m])") - known  # a typo is caught
 
@@ -525,8 +540,12 @@ def test_alert_rules_pass_promtool(tmp_path):
 
 def test_monitoring_keeps_each_deployment_apart():
     """Deployments sharing a Prometheus (dev and prod) must not mix: every dashboard query filters on the
-    deployment, and every alert but the absence check is per deployment."""
-    assert all('deployment_id=~"$deployment"' in e for e in dashboard_exprs(dashboard())), dashboard_exprs(dashboard())
+    deployment (Ray Serve's own gauges, which carry no deployment id, on the Ray cluster and the Serve
+    application), and every alert but the absence check is per deployment."""
+    ours = [e for e in dashboard_exprs(dashboard()) if "ray_serve_" not in e]
+    assert all('deployment_id=~"$deployment"' in e for e in ours), ours
+    rays = [e for e in dashboard_exprs(dashboard()) if "ray_serve_" in e]
+    assert rays and all('ray_io_cluster=~"$cluster", application=~"$application"' in e for e in rays), rays
     assert all("deployment_id" in e for e in rule_exprs() if not e.startswith("absent(")), rule_exprs()
 
 

@@ -25,6 +25,16 @@ def test_serve_config_validates_and_merges_autoscaling_overrides():
     assert AUTOSCALING["TaskHeads"]["max_replicas"] != 8  # the defaults are not changed by an override
 
 
+def test_the_rayservice_autoscales_as_mtrec_serve_does():
+    """One set of autoscaling settings: the RayService's blocks are the defaults of ``mtrec serve``."""
+    from pathlib import Path
+
+    manifest = Path(__file__).resolve().parents[2] / "k8s" / "base" / "rayservice.serve.yaml"
+    (app,) = yaml.safe_load(yaml.safe_load(manifest.read_text())["spec"]["serveConfigV2"])["applications"]
+    blocks = {d["name"]: d["autoscaling_config"] for d in app["deployments"] if "autoscaling_config" in d}
+    assert blocks == AUTOSCALING
+
+
 def test_heads_in_ingress_leaves_out_the_task_heads_deployment():
     from mtrec_serve.app import AppArgs
 
@@ -47,6 +57,22 @@ def test_heads_in_ingress_leaves_out_the_task_heads_deployment():
 def test_bad_autoscaling_is_a_config_error_naming_the_deployment(overrides, message):
     with pytest.raises(ConfigError, match=message):
         serve_config("/runs/b", autoscaling=overrides)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--autoscale", "TaskHeads.max_replica=3"], "autoscaling.TaskHeads: unknown key 'max_replica'"),
+        (["--autoscale", "TaskHeads=3"], "expected DEPLOYMENT.KEY=VALUE"),
+        (["--heads-in-ingress", "--autoscale", "TaskHeads.max_replicas=3"], "there is no TaskHeads deployment"),
+    ],
+)
+def test_mtrec_serve_refuses_bad_autoscaling_before_ray_starts(tmp_path, extra, message):
+    import ray
+
+    with pytest.raises(ConfigError, match=message):
+        main(["--bundle", str(tmp_path), *extra])
+    assert not ray.is_initialized()
 
 
 def test_serve_config_command_writes_the_rayservice_block(tmp_path, capsys):

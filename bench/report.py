@@ -164,10 +164,13 @@ NOTES: dict[str, str] = {
     ),
     "autoscale": (
         "Open-loop traffic, idle -> step -> idle, with the autoscaling defaults of `mtrec serve` (README, "
-        "Autoscaling) on a local Ray of 8 logical CPUs. On a 2-core host a second replica adds a process, not a "
-        "core: the replicas follow the load, but latency during the step is bounded by the host's two cores, "
-        "so the p99 target (at most 3x the idle p99) needs a host with more cores than the bench's. The "
-        "timeline of every replica count and request is in the JSON (`timeline`, `request_log`)."
+        "Autoscaling) on a local Ray of 8 logical CPUs. On a 2-core host one Embedder replica's knee is already "
+        "the host's capacity for cold texts, so a step past it overloads the host, not just the replica: added "
+        "replicas bring processes, not cores; a backlog of tens of seconds builds, TaskHeads sees its load only as "
+        "the backlog drains (after the step), and the Embedder cannot come down while it drains. The p99 and "
+        "scale-down targets need a host with more cores than replicas; `tests/integration/test_autoscale.py` "
+        "shows a replica added under load and removed after it. The replica timeline and the requests in "
+        "5-second bins are in the JSON (`timeline`, `requests_per_5s`)."
     ),
     "serving": (
         "`--heads-in-ingress` saves a hop per request; with fewer cores than concurrent requests the CPU time "

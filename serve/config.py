@@ -21,8 +21,9 @@ DEPLOYMENTS = ("Ingress", "Embedder", "TaskHeads", "WeightController")
 # mtrec_serve.app) and the WeightController is one actor by design, so both stay at one replica.
 # The RayService (k8s/base/rayservice.serve.yaml) carries the same blocks (a unit test holds them equal).
 # target_ongoing_requests from `python -m bench autoscale`'s one-replica knee (bench/results/autoscale.json):
-# with cold texts (3 per request) an Embedder replica gives 87 % of its best throughput at 4 requests in
-# flight and only queues beyond; with catalog items only, the path through TaskHeads reaches 93 % at 8.
+# with cold texts (3 per request) an Embedder replica gives about 85 % of its best throughput at 4 requests
+# in flight and mostly queues beyond; with catalog items only, the path through TaskHeads is within 10 % of
+# its best at 4 to 8 (README, Autoscaling).
 AUTOSCALING: dict[str, dict[str, Any]] = {
     "Embedder": {
         "min_replicas": 1,

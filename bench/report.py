@@ -168,7 +168,7 @@ NOTES: dict[str, str] = {
         "the host's capacity for cold texts, so a step past it overloads the host, not just the replica: added "
         "replicas bring processes, not cores; a backlog of tens of seconds builds, TaskHeads sees its load only as "
         "the backlog drains (after the step), and the Embedder cannot come down while it drains. The p99 and "
-        "scale-down targets need a host with more cores than replicas; `tests/integration/test_autoscale.py` "
+        "scale-down targets need a host with more cores than replicas; `tests/integration/test_serve.py` "
         "shows a replica added under load and removed after it. The replica timeline and the requests in "
         "5-second bins are in the JSON (`timeline`, `requests_per_5s`)."
     ),

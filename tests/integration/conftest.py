@@ -68,8 +68,12 @@ def demo_process(tmp_path_factory):
 @pytest.fixture(scope="session", autouse=True)
 def _demo_in_the_background(request):
     """When the demo's tests are selected, the demo starts with the first integration test and runs
-    beside the others (most of them wait on HTTP, Prometheus and controllers) instead of after them."""
+    beside the others (most of them wait on HTTP, Prometheus and controllers) instead of after them.
+    The session's Ray starts first when other tests need it: two Rays starting at once would both find
+    Ray's usual dashboard port free, and the second to bind it fails."""
     if any(item.path == DEMO_TESTS for item in request.session.items):
+        if any(item.path != DEMO_TESTS and "ray_cluster" in item.fixturenames for item in request.session.items):
+            request.getfixturevalue("ray_cluster")
         request.getfixturevalue("demo_process")
 
 

@@ -158,7 +158,7 @@ def test_dashboard_and_alert_queries_read_live_series(local_cluster):
 
     prometheus = state["prometheus"]["url"]
     board = manifest_checks.dashboard()
-    # the app's series (Ray Serve's own replica gauges are read in test_autoscale, where Serve runs)
+    # the app's series (Ray Serve's own replica gauges are read in test_serve, where Serve runs)
     exprs = [e for e in manifest_checks.dashboard_exprs(board) + manifest_checks.rule_exprs() if "ray_serve_" not in e]
     for name in sorted(set().union(*map(manifest_checks.metric_names, exprs))):
         wait_until(lambda n=name: promql(prometheus, f"count({n})")["data"]["result"], 90, f"series {name}", poll_s=1.0)

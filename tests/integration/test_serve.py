@@ -1,11 +1,24 @@
-"""The serving graph on a real Ray Serve, over real HTTP: ranking, cold items, feedback, and that every
-bad input is a 4xx with a message (never a 5xx)."""
+"""The serving graph on a real Ray Serve, over real HTTP: ranking, cold items, feedback, that every
+bad input is a 4xx with a message (never a 5xx), and autoscaling: under load TaskHeads gets a second
+replica and, after it, goes back to one, with no request failing meanwhile; the counts reach the
+operator's log line by line and Prometheus as the dashboard reads them.
+
+TaskHeads autoscales with the defaults' keys but short delays and windows (the defaults wait tens of
+seconds; ``python -m bench autoscale`` runs them, with cold texts that load the Embedder too); the
+Embedder stays pinned at one replica, as the tests of its cache want.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+
 import pyarrow.parquet as pq
 import pytest
-from polling import call_json
+from polling import call_json, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -15,6 +28,22 @@ TOKEN = "s3cret-test-token"
 LIMITS = {"max_candidates": 50, "max_text_chars": 300, "max_body_bytes": 32 * 1024}
 ONE_CPU_QUARTER = {"ray_actor_options": {"num_cpus": 0.25}}
 PINNED = {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 8}
+FAST = {  # the autoscaling defaults' keys, shortened so that the test takes seconds
+    "min_replicas": 1,
+    "max_replicas": 2,
+    "target_ongoing_requests": 2,
+    "upscale_delay_s": 1,
+    "downscale_delay_s": 3,
+    "metrics_interval_s": 0.5,
+    "look_back_period_s": 2,
+}
+CLIENTS = 12  # about 12 requests in flight against a target of 2 per replica
+
+_spec = importlib.util.spec_from_file_location(
+    "manifest_checks", Path(__file__).resolve().parents[1] / "unit" / "test_manifests.py"
+)
+manifest_checks = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(manifest_checks)  # the dashboard reader of the offline tests
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +57,7 @@ def app(ray_cluster, serve_http, serve_bundle):
     options = {
         "Ingress": {"ray_actor_options": {"num_cpus": 0.25, "runtime_env": {"env_vars": {"MTREC_TEST_TOKEN": TOKEN}}}},
         "Embedder": {**ONE_CPU_QUARTER, "autoscaling_config": PINNED},
-        "TaskHeads": {**ONE_CPU_QUARTER, "autoscaling_config": PINNED},
+        "TaskHeads": {**ONE_CPU_QUARTER, "autoscaling_config": FAST},
         "WeightController": ONE_CPU_QUARTER,
     }
     ray.serve.run(graph(args, options), name=APP, route_prefix=PREFIX)
@@ -167,3 +196,62 @@ def test_heads_in_the_ingress_predict_as_the_task_heads_deployment(app, serve_ht
             assert a["predictions"] == pytest.approx(b["predictions"], rel=1e-5, abs=1e-7)
     finally:
         ray.serve.delete(name)
+
+
+def _load(app, stop: threading.Event, statuses: list[int]) -> None:
+    """One client: requests back to back, 20 catalog candidates each."""
+    ids = [it["item_id"] for it in app["items"][:20]]
+    while not stop.is_set():
+        statuses.append(call(app, "POST", "/v1/recommend", {"user_id": 1, "candidates": ids, "k": 5})[0])
+
+
+def test_task_heads_follow_the_load_up_and_back_down(app, prometheus_server):
+    from mtrec_serve.replicas import ReplicaWatch, running_replicas
+
+    assert running_replicas(APP)["TaskHeads"] == 1
+    lines: list[str] = []
+    stop, statuses = threading.Event(), []
+    with ReplicaWatch(APP, lines.append, period_s=0.5):
+        clients = [threading.Thread(target=_load, args=(app, stop, statuses)) for _ in range(CLIENTS)]
+        for c in clients:
+            c.start()
+        try:
+            up = wait_until(
+                lambda: (n := running_replicas(APP)) and n["TaskHeads"] >= 2 and n,
+                120,
+                "a second TaskHeads replica under load",
+            )
+        finally:
+            stop.set()
+            for c in clients:
+                c.join(timeout=90)
+        # the log an operator reads says when it went back down
+        wait_until(lambda: "TaskHeads: 2 -> 1 replica running" in lines, 90, "TaskHeads back to one replica")
+    assert up["TaskHeads"] == 2 and running_replicas(APP)["TaskHeads"] == 1, up
+    assert statuses and set(statuses) == {200}, f"{len(statuses)} requests: {sorted(set(statuses))}"
+    assert lines[:4].count("TaskHeads: 1 replica running") == 1, lines  # the first reading names every deployment
+    assert lines.index("TaskHeads: 1 -> 2 replicas running") < lines.index("TaskHeads: 2 -> 1 replica running")
+
+    # the dashboard's replica panel reads Ray Serve's own gauges: every deployment of the app has series
+    values = {"$cluster": ".*", "$application": APP}
+    exprs = [e for e in manifest_checks.dashboard_exprs(manifest_checks.dashboard()) if "ray_serve_" in e]
+    assert exprs, "the dashboard has no panel on Ray Serve's replica metrics"
+    for expr in exprs:
+        for var, value in values.items():
+            expr = expr.replace(var, value)
+
+        def answered(e=expr):
+            url = f"{prometheus_server.url}/api/v1/query?" + urllib.parse.urlencode({"query": e})
+            status, body = call_json(url)
+            found = {r["metric"].get("deployment") for r in body["data"]["result"]} if status == 200 else set()
+            return found >= {"Embedder", "TaskHeads"}
+
+        wait_until(answered, 60, f"series of Embedder and TaskHeads for {expr}", poll_s=1.0)
+
+
+def test_replica_counts_name_every_deployment_of_the_app(app):
+    """``running_replicas`` reads every deployment of the app; an app that is not deployed reads empty."""
+    from mtrec_serve.replicas import running_replicas
+
+    assert set(running_replicas(APP)) == {"Ingress", "Embedder", "TaskHeads", "WeightController"}
+    assert running_replicas(f"no-such-app-{time.time_ns()}") == {}

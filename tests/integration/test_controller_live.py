@@ -33,7 +33,7 @@ APP, APP_B = "mtrec-controller-test", "mtrec-controller-test-b"
 DEP_A, DEP_B = "dep-a", "dep-b"
 TASKS = ["click", "buy"]
 PERIOD_S = 1.5
-SCRAPE_S = 3.0  # the controller's scrape interval: a margin over the fixture's 2 s scrapes on a loaded machine
+SCRAPE_S = 5.0  # the controller's scrape interval: a margin over the fixture's 4 s scrapes on a loaded machine
 # fed rates: click 0.3, buy 0.02: the proportional policy moves the click weight up by max_step a window
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from polling import call_json, wait_until
+from polling import call_json, scrape_health, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -246,7 +246,8 @@ def test_task_heads_follow_the_load_up_and_back_down(app, prometheus_server):
             found = {r["metric"].get("deployment") for r in body["data"]["result"]} if status == 200 else set()
             return found >= {"Embedder", "TaskHeads"}
 
-        wait_until(answered, 60, f"series of Embedder and TaskHeads for {expr}", poll_s=1.0)
+        what = f"series of Embedder and TaskHeads for {expr}; scrapes:\n{scrape_health(prometheus_server.url)}"
+        wait_until(answered, 60, what, poll_s=1.0)
 
 
 def test_replica_counts_name_every_deployment_of_the_app(app):

@@ -26,7 +26,7 @@ APP = "mtrec-feedback-test"
 DEPLOYMENT = "feedback-test"
 PREFIX = "/feedback-test"
 PERIOD_S = 1.5
-SCRAPE_S = 3.0  # the controller's scrape interval: a margin over the fixture's 2 s scrapes on a loaded machine
+SCRAPE_S = 5.0  # the controller's scrape interval: a margin over the fixture's 4 s scrapes on a loaded machine
 QUARTER = {"ray_actor_options": {"num_cpus": 0.25}}
 PINNED = {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 8}
 

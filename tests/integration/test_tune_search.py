@@ -8,9 +8,10 @@ click AUC with equal weights / with aux at 1/10 of click: 0.618 +- 0.011 / 0.709
 (this test's size), 0.730 +- 0.005 / 0.758 +- 0.001 on 60k rows: the fewer the rows, the more the aux
 task crowds out.
 
-The search: 4 trials, 2 at a time (each trains in its trial's process, ``train.num_workers=0``: 1 CPU
-each; Tune over Ray Train workers is the demo's; 2 at a time so that the interrupt after the first two
-finish lands while the last two run: 4 at a time finish together, before the Ctrl-C takes effect):
+The search: 4 trials, 3 at a time (each trains in its trial's process, ``train.num_workers=0``: 1 CPU
+each; Tune over Ray Train workers is the demo's; 3 at a time so that the interrupt after two finished
+lands while the fourth, started when the first finished, still runs: 4 at a time finish together,
+before the Ctrl-C takes effect):
 the equal-weights baseline, aux down-weighted to 1/10 of click, and the baseline again with seeds 1
 and 2 (the seed noise the best trial must beat). It is interrupted by SIGINT after 2 trials finished
 (Ctrl-C to a separate driver process), then resumed in this one. Every comparison is on the test split
@@ -130,7 +131,7 @@ def search(ray_cluster, tmp_path_factory):
         "--grace-epochs",
         "3",
         "--concurrency",
-        "2",
+        "3",
     ]
     start = time.perf_counter()
     # the search as a separate driver (`mtrec tune` on this cluster), interrupted with Ctrl-C...
@@ -153,7 +154,7 @@ def search(ray_cluster, tmp_path_factory):
     assert proc.returncode == 130, (root / "driver.log").read_text()[-3000:]
     before = _results_on_disk(out)
     # ...then resumed here, with the same arguments
-    kwargs = dict(objective="click.auc", strategies=["static"], lr_range=None, grace_epochs=3, concurrency=2)
+    kwargs = dict(objective="click.auc", strategies=["static"], lr_range=None, grace_epochs=3, concurrency=3)
     summary = run_search(base, data, out, trials=4, points=POINTS, **kwargs)
     wall = time.perf_counter() - start
     print(f"\n[tune test] search wall time {wall:.0f} s (4 trials, interrupted and resumed)")

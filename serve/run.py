@@ -3,13 +3,14 @@
 ::
 
     mtrec serve --bundle RUN/bundle [--port 8000] [--host 127.0.0.1] [--prometheus URL] [--policy NAME]
-                [--policy-param KEY=VALUE ...] [--address ADDR]
+                [--policy-param KEY=VALUE ...] [--autoscale TaskHeads.max_replicas=8 ...] [--address ADDR]
     mtrec serve config --bundle B [--out FILE] [--rayservice] [--name mtrec] [--port 8000] [--host H]
                 [--prometheus URL] [--policy NAME] [--policy-param KEY=VALUE ...] [--state-path P]
                 [--autoscale Embedder.max_replicas=4 ...] [--auth-token-env VAR]
 
-The first starts an embedded Ray on 127.0.0.1 (or joins ``--address``), deploys the app and blocks
-until Ctrl-C or SIGTERM, then shuts Serve (and the Ray it started) down. The second writes the
+The first starts an embedded Ray on 127.0.0.1 (or joins ``--address``), deploys the app, prints a line
+whenever a deployment's running replicas change, and blocks until Ctrl-C or SIGTERM, then shuts Serve
+(and the Ray it started) down. The second writes the
 config YAML for ``serve deploy``; with ``--rayservice`` only the ``applications:`` block, as a
 KubeRay RayService's ``serveConfigV2`` wants it. Both check the policy and its parameters first
 (against the bundle's tasks when the bundle is on this machine), before anything starts.

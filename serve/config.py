@@ -42,15 +42,23 @@ AUTOSCALING: dict[str, dict[str, Any]] = {
 }
 
 
-def autoscaling_blocks(overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
-    """:data:`AUTOSCALING` with ``overrides`` (deployment -> keys) merged in, each block validated.
+def autoscaling_blocks(
+    overrides: dict[str, dict[str, Any]] | None = None, heads_in_ingress: bool = False
+) -> dict[str, dict[str, Any]]:
+    """:data:`AUTOSCALING` with ``overrides`` (deployment -> keys) merged in, each block validated;
+    without TaskHeads when ``heads_in_ingress`` (the heads run in the Ingress).
 
-    ConfigError naming the deployment and the problem: an unknown deployment, an unknown key, or
-    values Ray's ``AutoscalingConfig`` refuses (or ``min_replicas > max_replicas``).
+    ConfigError naming the deployment and the problem: an unknown deployment, an unknown key, values
+    Ray's ``AutoscalingConfig`` refuses (or ``min_replicas > max_replicas``), or TaskHeads overridden
+    when there is no TaskHeads deployment.
     """
+    if heads_in_ingress and "TaskHeads" in (overrides or {}):
+        raise ConfigError("autoscaling.TaskHeads: with heads_in_ingress there is no TaskHeads deployment")
     from ray.serve.config import AutoscalingConfig
 
     out = copy.deepcopy(AUTOSCALING)
+    if heads_in_ingress:
+        del out["TaskHeads"]
     for name, block in (overrides or {}).items():
         if name not in out:
             raise ConfigError(f"autoscaling: {name!r} does not autoscale; valid deployments: {', '.join(out)}")
@@ -108,15 +116,9 @@ def serve_config(
         args["auth_token_env"] = auth_token_env
     if heads_in_ingress:
         args["heads_in_ingress"] = True
-        if "TaskHeads" in (autoscaling or {}):
-            raise ConfigError("autoscaling.TaskHeads: with heads_in_ingress there is no TaskHeads deployment")
-    blocks = autoscaling_blocks(autoscaling)
+    blocks = autoscaling_blocks(autoscaling, heads_in_ingress)
     deployments = [{"name": "Ingress", "num_replicas": 1}]
-    deployments += [
-        {"name": d, "autoscaling_config": block}
-        for d, block in blocks.items()
-        if not (heads_in_ingress and d == "TaskHeads")
-    ]
+    deployments += [{"name": d, "autoscaling_config": block} for d, block in blocks.items()]
     deployments.append({"name": "WeightController", "num_replicas": 1})
     valid = sorted(DeploymentSchema.model_fields)
     for d in deployments:

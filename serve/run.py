@@ -153,14 +153,10 @@ def run(argv: list[str]) -> int:
     if not Path(args.bundle).is_dir():
         raise ConfigError(f"--bundle {args.bundle}: not a directory (training writes RUN/bundle)")
     overrides = _autoscale(args.autoscale)
-    if args.heads_in_ingress and "TaskHeads" in overrides:
-        raise ConfigError("--autoscale TaskHeads.*: with --heads-in-ingress there is no TaskHeads deployment")
     params = _check_policy(args)  # before anything imports Ray: a bad policy name fails in a second
     from mtrec_serve.config import autoscaling_blocks
 
-    blocks = autoscaling_blocks(overrides)  # every check before anything starts
-    if args.heads_in_ingress:
-        blocks.pop("TaskHeads")
+    blocks = autoscaling_blocks(overrides, args.heads_in_ingress)  # every check before anything starts
     from mtrec_cluster.ray_env import local_ray
 
     stop = threading.Event()
